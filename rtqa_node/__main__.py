@@ -1,0 +1,3 @@
+from rtqa_node.cli import main
+
+raise SystemExit(main())

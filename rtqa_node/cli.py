@@ -1,0 +1,142 @@
+"""The ``rtqa`` command. Each subcommand parses its arguments here and calls one function of its module.
+
+Exit codes (docs/architecture.md, "Command-line contract"): 0 success, 2 bad usage or unreadable input with a
+clear message, 1 an internal error. ``--json`` prints one JSON document on stdout and nothing else there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from rtqa_node import __version__
+from rtqa_node.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _settings(args: argparse.Namespace, **overrides):
+    from rtqa_node.config import load_settings
+
+    return load_settings(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None), **overrides)
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument(
+        "--data-dir", type=Path, help="store and index directory (default: $RTQA_DATA_DIR or ./rtqa-data)"
+    )
+
+
+def print_json(document) -> None:
+    json.dump(document, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+# -- serve -------------------------------------------------------------------------------------------------
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run the DICOM node (storage SCP) until interrupted")
+    _add_data_dir(p)
+    p.add_argument("--port", type=int, help="TCP port to listen on (0: any free port; default 11112)")
+    p.add_argument("--ae-title", help="the node's AE title (default RTQA)")
+    p.add_argument("--bind", dest="bind_address", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--workers", type=int, help="review worker processes to start beside the SCP")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from rtqa_node.node import serve
+
+    settings = _settings(args, port=args.port, ae_title=args.ae_title, bind_address=args.bind_address,
+                         workers=args.workers)
+    return serve(settings)
+
+
+# -- status ------------------------------------------------------------------------------------------------
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="what the node holds: studies, plan studies, objects, jobs")
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(run=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from rtqa_node.status import collect_status, format_status
+
+    settings = _settings(args)
+    if not settings.index_path.exists():
+        raise InputError(f"no node data in {settings.data_dir} (no index.sqlite); start `rtqa serve` first")
+    document = collect_status(settings)
+    if args.json:
+        print_json(document)
+    else:
+        sys.stdout.write(format_status(document))
+    return 0
+
+
+# -- demo --------------------------------------------------------------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="start a node, send it a plan study with DCMTK storescu, show the result")
+    p.add_argument("--data-dir", type=Path, default=Path("demo-out"), help="where the demo node keeps its data")
+    p.add_argument(
+        "--plan-study",
+        type=Path,
+        help="folder of DICOM files to send (default: a public chain from $RTQA_TEST_DATA if present, "
+        "else a synthetic plan study made by `rtqa synth`)",
+    )
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from rtqa_node.demo import run_demo
+
+    return run_demo(data_dir=args.data_dir, plan_study=args.plan_study)
+
+
+COMMANDS: list[Callable] = [_add_serve, _add_status, _add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtqa", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"rtqa-node {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("RTQA_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from rtqa_node.log import configure
+
+    configure(args.log_level.upper())
+    try:
+        return args.run(args)
+    except (ConfigError, InputError) as exc:
+        print(f"rtqa {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        log.exception("internal_error", extra={"command": args.command})
+        print(f"rtqa {args.command}: internal error (a bug); details in the log above", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""What the index records about one DICOM object: identity, modality, and its RT references.
+
+Pure functions from a pydicom Dataset to a frozen :class:`ObjectDescription`. The references are the edges of
+the RT chain that assembly follows (PS3.3 C.8.8.5, C.8.8.9, C.8.8.3):
+
+- RTPLAN / RT Ion Plan -> RTSTRUCT (ReferencedStructureSetSequence), -> earlier plan (ReferencedRTPlanSequence)
+- RTDOSE -> RTPLAN (ReferencedRTPlanSequence), -> RTSTRUCT (ReferencedStructureSetSequence, DVH module)
+- RTSTRUCT -> image series and instances (ReferencedFrameOfReferenceSequence / RTReferencedStudySequence /
+  RTReferencedSeriesSequence / ContourImageSequence, and the ContourImageSequence of each contour)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from rtqa_node.errors import RtqaError
+
+# A DICOM UID: dot-separated components of digits, no leading zero in a multi-digit component,
+# at most 64 characters (PS3.5 9.1).
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
+
+
+def is_valid_uid(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+
+
+class DescriptionError(RtqaError):
+    """The data set lacks an attribute the node needs, or holds an invalid identifying UID."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        #: "missing" (a required attribute is absent) or "invalid" (present but not a valid UID)
+        self.kind = kind
+
+
+class RefKind:
+    """Kinds of reference edges kept in the index's ``refs`` table."""
+
+    RTSTRUCT = "rtstruct"
+    RTPLAN = "rtplan"
+    IMAGE_SERIES = "image_series"
+    IMAGE = "image"
+    FRAME_OF_REFERENCE = "frame_of_reference"
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectDescription:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    patient_id: str
+    frame_of_reference_uid: str
+    instance_number: int | None
+    #: (kind, uid) edges to other objects, see :class:`RefKind`
+    references: tuple[tuple[str, str], ...] = field(default=())
+
+
+_IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def describe(ds: Dataset) -> ObjectDescription:
+    """Read identity and references from ``ds``.
+
+    Raises:
+        DescriptionError: an identifying UID (SOP Class/Instance, Study, Series) is missing or invalid.
+    """
+    values = {}
+    for keyword in _IDENTIFYING:
+        value = ds.get(keyword)
+        if value is None or str(value).strip() == "":
+            raise DescriptionError(f"required attribute {keyword} is missing or empty", kind="missing")
+        value = str(value).strip("\x00 ")
+        if not is_valid_uid(value):
+            raise DescriptionError(
+                f"{keyword} is not a valid DICOM UID ({len(value)} characters; "
+                "digits and dots, no leading zeros, at most 64)",
+                kind="invalid",
+            )
+        values[keyword] = value
+    instance_number = ds.get("InstanceNumber")
+    try:
+        instance_number = int(instance_number) if instance_number not in (None, "") else None
+    except (TypeError, ValueError):
+        instance_number = None
+    return ObjectDescription(
+        sop_class_uid=values["SOPClassUID"],
+        sop_instance_uid=values["SOPInstanceUID"],
+        study_instance_uid=values["StudyInstanceUID"],
+        series_instance_uid=values["SeriesInstanceUID"],
+        modality=str(ds.get("Modality", "") or ""),
+        patient_id=str(ds.get("PatientID", "") or ""),
+        frame_of_reference_uid=_frame_of_reference(ds),
+        instance_number=instance_number,
+        references=tuple(sorted(set(_references(ds)))),
+    )
+
+
+def _frame_of_reference(ds: Dataset) -> str:
+    """Top-level FrameOfReferenceUID, or for RTSTRUCTs that omit it (several TPSs do) the referenced one."""
+    uid = str(ds.get("FrameOfReferenceUID", "") or "")
+    if uid:
+        return uid
+    for item in ds.get("ReferencedFrameOfReferenceSequence", []):
+        if item.get("FrameOfReferenceUID"):
+            return str(item.FrameOfReferenceUID)
+    for item in ds.get("StructureSetROISequence", []):
+        if item.get("ReferencedFrameOfReferenceUID"):
+            return str(item.ReferencedFrameOfReferenceUID)
+    return ""
+
+
+def _uids(items, keyword: str = "ReferencedSOPInstanceUID"):
+    for item in items or []:
+        value = item.get(keyword)
+        if value:
+            yield str(value).strip("\x00 ")
+
+
+def _references(ds: Dataset):
+    yield from ((RefKind.RTSTRUCT, u) for u in _uids(ds.get("ReferencedStructureSetSequence")))
+    yield from ((RefKind.RTPLAN, u) for u in _uids(ds.get("ReferencedRTPlanSequence")))
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []) or []:
+        if frame.get("FrameOfReferenceUID"):
+            yield RefKind.FRAME_OF_REFERENCE, str(frame.FrameOfReferenceUID)
+        for study in frame.get("RTReferencedStudySequence", []) or []:
+            for series in study.get("RTReferencedSeriesSequence", []) or []:
+                if series.get("SeriesInstanceUID"):
+                    yield RefKind.IMAGE_SERIES, str(series.SeriesInstanceUID)
+                yield from ((RefKind.IMAGE, u) for u in _uids(series.get("ContourImageSequence")))
+    for roi in ds.get("ROIContourSequence", []) or []:
+        for contour in roi.get("ContourSequence", []) or []:
+            yield from ((RefKind.IMAGE, u) for u in _uids(contour.get("ContourImageSequence")))
+
+
+def expected_modalities(sop_class_uid: str) -> frozenset[str] | None:
+    """Modalities a data set of this SOP class may carry, where the standard fixes them; None if it does not."""
+    return _MODALITY_BY_CLASS.get(UID(sop_class_uid))
+
+
+_MODALITY_BY_CLASS = {
+    UID("1.2.840.10008.5.1.4.1.1.2"): frozenset({"CT"}),
+    UID("1.2.840.10008.5.1.4.1.1.4"): frozenset({"MR"}),
+    UID("1.2.840.10008.5.1.4.1.1.128"): frozenset({"PT"}),
+    UID("1.2.840.10008.5.1.4.1.1.481.1"): frozenset({"RTIMAGE"}),
+    UID("1.2.840.10008.5.1.4.1.1.481.2"): frozenset({"RTDOSE"}),
+    UID("1.2.840.10008.5.1.4.1.1.481.3"): frozenset({"RTSTRUCT"}),
+    UID("1.2.840.10008.5.1.4.1.1.481.5"): frozenset({"RTPLAN"}),
+    UID("1.2.840.10008.5.1.4.1.1.481.8"): frozenset({"RTPLAN"}),
+    UID("1.2.840.10008.5.1.4.1.1.66.1"): frozenset({"REG"}),
+    UID("1.2.840.10008.5.1.4.1.1.66.3"): frozenset({"REG"}),
+}

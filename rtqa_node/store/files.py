@@ -1,0 +1,83 @@
+"""Durable file operations: fsync a file, publish it by atomic rename, fsync the directory.
+
+A rename is atomic on POSIX, but neither the new directory entry nor the file's data are durable until the
+file and its directory have been fsync'd (see e.g. the LWN article "Ensuring data reaches disk"). The order
+here is: data fsync -> rename -> directory fsync; only then may the caller record or acknowledge the object.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+_CHUNK_BYTES = 1 << 20
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs_durable(path: Path, *, root: Path) -> None:
+    """Create ``path`` (below ``root``) and fsync each parent whose entries changed."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        if current == root or current.parent == current:
+            break
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            pass
+        fsync_dir(directory.parent)
+
+
+def publish(temp_path: Path, final_path: Path, *, root: Path) -> None:
+    """Atomically move a fully written, fsync'd file into place, then make the new entry durable.
+
+    If ``temp_path`` is on another file system (rename gives EXDEV) the data are copied into a temporary
+    file beside ``final_path`` first, so the visible file still appears atomically.
+    """
+    make_dirs_durable(final_path.parent, root=root)
+    try:
+        os.rename(temp_path, final_path)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        staging = final_path.with_name(final_path.name + ".partial")
+        shutil.copyfile(temp_path, staging)
+        fsync_file(staging)
+        os.rename(staging, final_path)
+        os.unlink(temp_path)
+    fsync_dir(final_path.parent)
+
+
+def sha256_of(path: Path, *, offset: int = 0) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        while chunk := fh.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def free_bytes(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
