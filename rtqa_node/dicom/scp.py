@@ -209,6 +209,9 @@ class StorageScp:
         log.warning("association_refused", extra={"calling_ae": calling_ae, "peer": address, "reason": reason})
         # rejected-permanent, service-user, diagnostic "calling AE title not recognised" (PS3.8 9.3.4)
         assoc.acse.send_reject(0x01, 0x01, 0x03)
+        # As pynetdicom's own rejection does: wait until the DUL has sent the A-ASSOCIATE-RJ and closed, so the
+        # peer reads the rejection rather than a dropped connection.
+        assoc.kill()
 
     def _on_echo(self, event) -> int:
         return Status.SUCCESS

@@ -97,7 +97,7 @@ def check_dataset_encoding(buf: bytes | memoryview, offset: int, transfer_syntax
         except zlib.error as exc:
             raise EncodingError(f"deflated data set does not inflate: {exc}") from exc
         if not inflater.eof:
-            raise EncodingError("deflated data set is truncated (deflate stream not terminated)")
+            raise EncodingError("truncated: deflate stream not terminated")
         walker = _Walker(data, explicit=True, little=True)
         walker.dataset(0, len(data), depth=0)
         return walker.digest.hexdigest()
@@ -117,7 +117,7 @@ class _Walker:
 
     def _tag(self, pos: int, end: int) -> int:
         if pos + 8 > end:
-            raise EncodingError(f"data ends inside an element header at byte {pos}")
+            raise EncodingError(f"truncated: data ends inside an element header at byte {pos}")
         group, element = struct.unpack_from(self.endian + "HH", self.buf, pos)
         return (group << 16) | element
 
@@ -135,7 +135,7 @@ class _Walker:
                 raise EncodingError(f"unexpected item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {pos}")
             pos = self._element(tag, pos, end, depth)
         if in_item:
-            raise EncodingError("data ends inside an undefined-length item (no item delimiter)")
+            raise EncodingError("truncated: data ends inside an undefined-length item")
         if pos != end:
             raise EncodingError("last element runs past the end of the data")
         return pos
@@ -148,7 +148,7 @@ class _Walker:
                 raise EncodingError(f"invalid VR {vr!r} for ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {pos}")
             if vr in _LONG_VRS:
                 if pos + 12 > end:
-                    raise EncodingError(f"data ends inside an element header at byte {pos}")
+                    raise EncodingError(f"truncated: data ends inside an element header at byte {pos}")
                 (length,) = struct.unpack_from(endian + "I", buf, pos + 8)
                 value = pos + 12
             else:
@@ -172,7 +172,7 @@ class _Walker:
             raise EncodingError(f"undefined length on {name} with VR {vr.decode(errors='replace')}")
         if value + length > end:
             raise EncodingError(
-                f"element {name} declares {length} bytes but only {max(end - value, 0)} remain (truncated)"
+                f"truncated: {name} declares {length} bytes, {max(end - value, 0)} remain"
             )
         if vr == b"SQ":
             self.sequence(value, value + length, depth=depth + 1, name=name, defined=True)
@@ -198,11 +198,11 @@ class _Walker:
                 pos = self.dataset(pos + 8, end, depth=depth, in_item=True)
             else:
                 if pos + 8 + length > end:
-                    raise EncodingError(f"item of {name} declares {length} bytes beyond the data (truncated)")
+                    raise EncodingError(f"truncated: item of {name} declares {length} bytes beyond the data")
                 self.dataset(pos + 8, pos + 8 + length, depth=depth)
                 pos += 8 + length
         if not defined:
-            raise EncodingError(f"data ends inside sequence {name} (no sequence delimiter): truncated")
+            raise EncodingError(f"truncated: data ends inside sequence {name} (no delimiter)")
         self.digest.update(b"E")
         return pos
 
@@ -216,11 +216,11 @@ class _Walker:
             if tag != ITEM or length == UNDEFINED:
                 raise EncodingError(f"encapsulated {name} holds a malformed fragment at byte {pos}")
             if pos + 8 + length > end:
-                raise EncodingError(f"fragment of {name} declares {length} bytes beyond the data (truncated)")
+                raise EncodingError(f"truncated: fragment of {name} declares {length} bytes beyond the data")
             self.digest.update(b"F" + struct.pack("<I", length))
             self.digest.update(self.buf[pos + 8 : pos + 8 + length])
             pos += 8 + length
-        raise EncodingError(f"data ends inside encapsulated {name} (no sequence delimiter): truncated")
+        raise EncodingError(f"truncated: data ends inside encapsulated {name} (no delimiter)")
 
 
 def _implicit_vr(tag: int, length: int) -> bytes:

@@ -196,7 +196,8 @@ class Store:
                     header = read_part10_header(buf)
                     content_sha256 = check_dataset_encoding(buf, header.dataset_offset, header.transfer_syntax_uid)
                 except EncodingError as exc:
-                    raise StoreRefused(Refusal.UNPARSEABLE, f"malformed data set: {exc}") from exc
+                    message = str(exc) if str(exc).startswith("truncated") else f"malformed data set: {exc}"
+                    raise StoreRefused(Refusal.UNPARSEABLE, message) from exc
                 sha256 = hashlib.sha256(memoryview(buf)[header.dataset_offset :]).hexdigest()
         return header.dataset_offset, header.transfer_syntax_uid, sha256, content_sha256
 

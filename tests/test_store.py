@@ -1,0 +1,192 @@
+"""The store without a socket: durable ingest, identity, duplicates and versions, refusals, recovery."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from conftest import dicom_files
+from rtqa_node.store import Arrival, Outcome, Refusal, Store, StoreRefused
+from rtqa_node.store.encoding import EncodingError, check_dataset_encoding, read_part10_header
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "data")
+    yield s
+    s.close()
+
+
+def dataset_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    return data[read_part10_header(data).dataset_offset :]
+
+
+def test_every_public_file_is_stored_intact_or_refused_with_a_reason(store, rt_data):
+    refused = {}
+    for path in dicom_files(rt_data):
+        try:
+            result = store.import_file(path)
+        except StoreRefused as exc:
+            refused[path.relative_to(rt_data).as_posix()] = exc.reason
+            continue
+        stored = result.path.read_bytes()
+        original = path.read_bytes()
+        if original[128:132] == b"DICM":
+            # Part 10 files are kept byte for byte: the same data set under the same transfer syntax.
+            assert dataset_bytes(result.path) == dataset_bytes(path) or result.outcome is Outcome.DUPLICATE
+        assert hashlib.sha256(stored[read_part10_header(stored).dataset_offset :]).hexdigest() == store.index.query(
+            "SELECT sha256 FROM instances WHERE id = ?", (result.instance_id,))[0][0]
+    # Exactly the two malformed files of the collection are refused, each for what is wrong with it.
+    assert refused == {
+        "pydicom-rt-testfiles/rtplan_truncated.dcm": Refusal.UNPARSEABLE,
+        "reg-malformed-onkodicom/spatial_reg.dcm": Refusal.UNPARSEABLE,
+    }
+    rows = store.index.query("SELECT COUNT(*), COUNT(DISTINCT sop_instance_uid) FROM instances")[0]
+    assert rows[0] > rows[1]  # the collection's duplicate SOP Instance UIDs with other content became versions
+
+
+def test_index_records_identity_and_rt_references(store, rt_data):
+    chain = rt_data / "eclipse-breast-boost-dicompyler"
+    results = {p.name: store.import_file(p) for p in dicom_files(chain)}
+    rows = {r["modality"]: r for r in store.index.query("SELECT * FROM instances")}
+    assert set(rows) == {"CT", "RTSTRUCT", "RTPLAN", "RTDOSE"}
+    assert {r["frame_of_reference_uid"] for r in rows.values()} == {"2.16.840.1.113662.2.12.0.3057.1241703565.36"}
+    refs = {(r["kind"], r["uid"]) for r in store.index.query(
+        "SELECT kind, uid FROM refs WHERE instance_id = ?", (results["rtdose.dcm"].instance_id,))}
+    assert refs == {
+        ("rtplan", "1.2.246.352.71.5.320687012.24189.20090603083342"),
+        ("rtstruct", "1.2.246.352.71.4.320687012.3190.20090511122144"),
+    }
+    images = store.index.query(
+        "SELECT COUNT(*) FROM refs WHERE instance_id = ? AND kind = 'image'", (results["rtss.dcm"].instance_id,))
+    assert images[0][0] == 98
+    # No UID text in any stored path.
+    for row in store.index.query("SELECT path, sop_instance_uid, study_instance_uid FROM instances"):
+        assert row["sop_instance_uid"] not in row["path"] and row["study_instance_uid"] not in row["path"]
+
+
+def test_same_object_twice_is_idempotent(store, rt_data):
+    path = rt_data / "eclipse-breast-boost-dicompyler" / "rtplan.dcm"
+    first = store.import_file(path)
+    second = store.import_file(path)
+    assert (first.outcome, second.outcome) == (Outcome.STORED, Outcome.DUPLICATE)
+    assert second.instance_id == first.instance_id
+    assert store.index.query("SELECT COUNT(*), MAX(receive_count) FROM instances")[0][:] == (1, 2)
+    assert len(list(store.objects_dir.rglob("*.dcm"))) == 1
+
+
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+def test_same_content_in_another_uncompressed_encoding_is_a_duplicate(store, rt_data, tmp_path, transfer_syntax):
+    original = rt_data / "eclipse-breast-boost-dicompyler" / "rtss.dcm"  # implicit VR, undefined lengths
+    ds = pydicom.dcmread(original)
+    assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    recoded = tmp_path / "recoded.dcm"
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.save_as(recoded, enforce_file_format=True)
+    assert dataset_bytes(recoded) != dataset_bytes(original)
+    assert store.import_file(original).outcome is Outcome.STORED
+    assert store.import_file(recoded).outcome is Outcome.DUPLICATE
+
+
+def test_different_content_under_a_known_uid_is_kept_as_a_new_version(store, rt_data):
+    uncompressed = rt_data / "eclipse-breast-boost-dicompyler" / "ct.0.dcm"
+    lossy = rt_data / "eclipse-breast-boost-fullct-weasis" / "2.16.840.1.113662.2.12.0.3057.1241703565.44"
+    first, second = store.import_file(uncompressed), store.import_file(lossy)
+    assert (first.outcome, second.outcome) == (Outcome.STORED, Outcome.NEW_VERSION)
+    assert (first.version, second.version) == (1, 2)
+    assert first.path != second.path and first.path.exists() and second.path.exists()
+    assert dataset_bytes(first.path) == dataset_bytes(uncompressed)
+    assert dataset_bytes(second.path) == dataset_bytes(lossy)
+
+
+def test_truncated_plan_is_refused_and_leaves_nothing(store, rt_data):
+    with pytest.raises(StoreRefused) as info:
+        store.import_file(rt_data / "pydicom-rt-testfiles" / "rtplan_truncated.dcm")
+    assert info.value.reason is Refusal.UNPARSEABLE
+    assert "truncated" in str(info.value)
+    assert list(store.objects_dir.rglob("*")) == [] and list(store.tmp_dir.iterdir()) == []
+    assert store.index.counts()["instances"] == 0
+
+
+@pytest.mark.parametrize("cut", [200, 1000, 4000, -1])
+def test_truncation_anywhere_is_detected(rt_data, cut):
+    data = (rt_data / "eclipse-breast-boost-dicompyler" / "rtplan.dcm").read_bytes()
+    header = read_part10_header(data)
+    check_dataset_encoding(data, header.dataset_offset, header.transfer_syntax_uid)
+    with pytest.raises(EncodingError):
+        check_dataset_encoding(data[: header.dataset_offset + cut] if cut > 0 else data[:-1],
+                               header.dataset_offset, header.transfer_syntax_uid)
+
+
+def test_object_over_the_size_limit_is_refused(tmp_path, rt_data):
+    store = Store(tmp_path / "data", max_object_bytes=1_000_000)
+    with pytest.raises(StoreRefused) as info:
+        store.import_file(rt_data / "eclipse-breast-boost-dicompyler" / "rtdose.dcm")
+    assert info.value.reason is Refusal.TOO_LARGE
+    assert store.import_file(rt_data / "eclipse-breast-boost-dicompyler" / "rtplan.dcm").outcome is Outcome.STORED
+
+
+def test_storage_below_the_free_space_floor_refuses(tmp_path, rt_data):
+    store = Store(tmp_path / "data", min_free_bytes=2**62)
+    with pytest.raises(StoreRefused) as info:
+        store.import_file(rt_data / "eclipse-breast-boost-dicompyler" / "rtplan.dcm")
+    assert info.value.reason is Refusal.NO_SPACE
+    assert store.index.counts()["instances"] == 0
+
+
+def test_unwritable_storage_refuses_and_acknowledges_nothing(tmp_path, rt_data):
+    # Root ignores permission bits, so make the storage unwritable in a way that holds for everyone: the
+    # directory the object must go to cannot be created because a file stands where it belongs.
+    store = Store(tmp_path / "data")
+    path = rt_data / "eclipse-breast-boost-dicompyler" / "rtplan.dcm"
+    probe = Store(tmp_path / "probe").import_file(path)
+    blocked = store.data_dir / Path(probe.path.relative_to(tmp_path / "probe")).parts[0] / \
+        Path(probe.path.relative_to(tmp_path / "probe")).parts[1]
+    blocked.write_bytes(b"not a directory")
+    with pytest.raises(StoreRefused) as info:
+        store.import_file(path)
+    assert info.value.reason is Refusal.UNWRITABLE
+    assert store.index.counts()["instances"] == 0 and list(store.tmp_dir.iterdir()) == []
+
+
+def test_recover_removes_temp_files_and_indexes_published_orphans(tmp_path, rt_data):
+    store = Store(tmp_path / "data")
+    result = store.import_file(rt_data / "eclipse-breast-boost-dicompyler" / "rtplan.dcm")
+    # Simulate a crash after rename but before COMMIT: the file is published, its row is not there.
+    store.index.conn.execute("DELETE FROM refs")
+    store.index.conn.execute("DELETE FROM instances")
+    (store.tmp_dir / "half-received.dcm").write_bytes(b"\0" * 100)
+    partial = result.path.with_name(result.path.name + ".partial")
+    partial.write_bytes(b"x")
+    report = store.recover()
+    assert (report.temp_files_removed, report.orphans_indexed, report.orphans_removed) == (1, 1, 1)
+    row = store.index.query("SELECT path, sha256, calling_ae FROM instances")[0]
+    assert (store.data_dir / row["path"]) == result.path and row["calling_ae"] == "RECOVERED"
+    assert not partial.exists()
+    assert store.recover().orphans_indexed == 0
+
+
+def test_a_file_without_file_meta_is_stored_with_one(store, rt_data):
+    result = store.import_file(rt_data / "monaco-plans-pymedphys" / "06MV_plan.dcm")
+    ds = pydicom.dcmread(result.path)
+    assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_store_survives_reopen(tmp_path, rt_data):
+    store = Store(tmp_path / "data")
+    for path in dicom_files(rt_data / "raystation-proton-ramp-aptg"):
+        store.import_file(path)
+    store.close()
+    reopened = Store(tmp_path / "data")
+    assert reopened.index.counts()["instances"] == 5
+    assert reopened.import_file(rt_data / "raystation-proton-ramp-aptg" / "ramped_2Gy_ver2_full.dcm").outcome \
+        is Outcome.DUPLICATE
+    shutil.rmtree(tmp_path / "data")
