@@ -58,6 +58,96 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX refs_target ON refs (kind, uid);
     """,
+    # 2: plan studies (assembly), their revisions and members; the job queue with its event log; the outbox
+    """
+    CREATE TABLE plan_studies (
+        id TEXT PRIMARY KEY,                   -- 'ps-' + 12 hex digits of SHA-256 over the key
+        key_kind TEXT NOT NULL,                -- 'rtstruct' (plans sharing a structure set and label) or 'plan'
+        key_uid TEXT NOT NULL,
+        key_label TEXT NOT NULL,               -- RTPlanLabel ('' for key_kind 'plan')
+        state TEXT NOT NULL,                   -- waiting | ready
+        reason TEXT NOT NULL DEFAULT '',       -- why not complete ('' when complete)
+        plan_sop_instance_uid TEXT NOT NULL,   -- the current (latest) plan
+        calling_ae TEXT NOT NULL,              -- who sent the current plan: results go back there
+        first_object_at_s REAL NOT NULL,
+        last_object_at_s REAL NOT NULL,
+        ready_due_at_s REAL,                   -- when the stable-age fallback fires while waiting
+        revision INTEGER NOT NULL DEFAULT 0,   -- latest revision made ready (0: none yet)
+        updated_at_s REAL NOT NULL,
+        UNIQUE (key_kind, key_uid, key_label)
+    );
+    CREATE TABLE plan_labels (
+        instance_id INTEGER PRIMARY KEY REFERENCES instances (id),
+        rt_plan_label TEXT NOT NULL
+    );
+    CREATE TABLE plan_study_revisions (
+        plan_study_id TEXT NOT NULL REFERENCES plan_studies (id),
+        revision INTEGER NOT NULL,
+        content_key TEXT NOT NULL,             -- SHA-256 over the members' (role, SOP UID, content digest)
+        plan_sop_instance_uid TEXT NOT NULL,
+        trigger TEXT NOT NULL,                 -- complete | stable_age
+        reason TEXT NOT NULL,
+        calling_ae TEXT NOT NULL,
+        ready_at_s REAL NOT NULL,
+        PRIMARY KEY (plan_study_id, revision),
+        UNIQUE (plan_study_id, content_key)
+    );
+    CREATE TABLE plan_study_members (
+        plan_study_id TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        instance_id INTEGER NOT NULL REFERENCES instances (id),
+        role TEXT NOT NULL,                    -- plan | rtstruct | image | dose
+        PRIMARY KEY (plan_study_id, revision, instance_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        plan_study_id TEXT NOT NULL REFERENCES plan_studies (id),
+        revision INTEGER NOT NULL,
+        kind TEXT NOT NULL,                    -- review | dispatch
+        state TEXT NOT NULL,                   -- queued | leased | done | failed | dead
+        priority INTEGER NOT NULL DEFAULT 0,   -- higher first
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL,
+        retry_base_s REAL NOT NULL,
+        available_at_s REAL NOT NULL,          -- not leased before this (retry backoff)
+        lease_owner TEXT,
+        lease_expires_at_s REAL,
+        last_error TEXT,
+        supersedes INTEGER REFERENCES jobs (id),
+        result TEXT,                           -- JSON summary written by the worker
+        created_at_s REAL NOT NULL,
+        first_leased_at_s REAL,
+        leased_at_s REAL,
+        finished_at_s REAL,
+        updated_at_s REAL NOT NULL,
+        UNIQUE (plan_study_id, revision, kind)
+    );
+    CREATE INDEX jobs_state_available ON jobs (state, available_at_s);
+    CREATE INDEX jobs_state_lease ON jobs (state, lease_expires_at_s);
+    CREATE TABLE job_events (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        from_state TEXT,
+        to_state TEXT NOT NULL,
+        owner TEXT,
+        at_s REAL NOT NULL,
+        detail TEXT
+    );
+    CREATE INDEX job_events_job ON job_events (job_id);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        plan_study_id TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        sop_instance_uid TEXT NOT NULL UNIQUE,  -- deterministic (uuid5): a re-run writes the same object
+        sop_class_uid TEXT NOT NULL,
+        path TEXT NOT NULL,                     -- relative to the data directory
+        created_at_s REAL NOT NULL,
+        sent_at_s REAL,
+        send_count INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX outbox_job ON outbox (plan_study_id, revision);
+    """,
 ]
 
 

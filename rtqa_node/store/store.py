@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pydicom
 from pydicom import config as pydicom_config
@@ -127,6 +128,7 @@ class Store:
         max_object_bytes: int = 2 * 1024**3,
         min_free_bytes: int = 0,
         index: Index | None = None,
+        on_stored: Callable[["IngestResult"], None] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.objects_dir = self.data_dir / "objects"
@@ -136,6 +138,9 @@ class Store:
         self.index = index or Index(self.data_dir / "index.sqlite")
         self.max_object_bytes = max_object_bytes
         self.min_free_bytes = min_free_bytes
+        #: called after each successful ingest (the object is durable by then), e.g. to assemble plan studies;
+        #: it must be quick (queue the work) and its failure never turns a stored object into a refusal
+        self.on_stored = on_stored
         # Real exports carry invalid values in attributes the node does not interpret (e.g. a referenced UID
         # with a leading zero); warnings about them would flood the log without helping anyone.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
@@ -153,7 +158,7 @@ class Store:
         """
         temp_path = Path(temp_path)
         try:
-            return self._ingest(temp_path, arrival)
+            result = self._ingest(temp_path, arrival)
         finally:
             try:
                 os.unlink(temp_path)
@@ -161,6 +166,12 @@ class Store:
                 pass
             except OSError:
                 log.warning("temp_file_not_removed", extra={"file": temp_path.name})
+        if self.on_stored is not None:
+            try:
+                self.on_stored(result)
+            except Exception:
+                log.exception("on_stored_hook_failed", extra={"instance_id": result.instance_id})
+        return result
 
     def _ingest(self, temp_path: Path, arrival: Arrival) -> IngestResult:
         size_bytes = temp_path.stat().st_size
