@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from conftest import dicom_files
-from rtqa_node.store import Arrival, Outcome, Refusal, Store, StoreRefused
+from rtqa_node.store import Outcome, Refusal, Store, StoreRefused
 from rtqa_node.store.encoding import EncodingError, check_dataset_encoding, read_part10_header
 
 
@@ -41,8 +39,9 @@ def test_every_public_file_is_stored_intact_or_refused_with_a_reason(store, rt_d
         if original[128:132] == b"DICM":
             # Part 10 files are kept byte for byte: the same data set under the same transfer syntax.
             assert dataset_bytes(result.path) == dataset_bytes(path) or result.outcome is Outcome.DUPLICATE
-        assert hashlib.sha256(stored[read_part10_header(stored).dataset_offset :]).hexdigest() == store.index.query(
-            "SELECT sha256 FROM instances WHERE id = ?", (result.instance_id,))[0][0]
+        header = read_part10_header(stored)
+        assert check_dataset_encoding(stored, header.dataset_offset, header.transfer_syntax_uid) == \
+            store.index.query("SELECT content_sha256 FROM instances WHERE id = ?", (result.instance_id,))[0][0]
     # Exactly the two malformed files of the collection are refused, each for what is wrong with it.
     assert refused == {
         "pydicom-rt-testfiles/rtplan_truncated.dcm": Refusal.UNPARSEABLE,
@@ -167,7 +166,7 @@ def test_recover_removes_temp_files_and_indexes_published_orphans(tmp_path, rt_d
     partial.write_bytes(b"x")
     report = store.recover()
     assert (report.temp_files_removed, report.orphans_indexed, report.orphans_removed) == (1, 1, 1)
-    row = store.index.query("SELECT path, sha256, calling_ae FROM instances")[0]
+    row = store.index.query("SELECT path, calling_ae FROM instances")[0]
     assert (store.data_dir / row["path"]) == result.path and row["calling_ae"] == "RECOVERED"
     assert not partial.exists()
     assert store.recover().orphans_indexed == 0

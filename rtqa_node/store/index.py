@@ -40,8 +40,8 @@ MIGRATIONS: list[str] = [
         path TEXT NOT NULL UNIQUE,             -- relative to the data directory
         size_bytes INTEGER NOT NULL,           -- whole Part 10 file
         dataset_offset_bytes INTEGER NOT NULL, -- where the data set starts in the file (after the file meta)
-        sha256 TEXT NOT NULL,                  -- of the data set bytes as received (after the file meta)
-        -- of the content whatever its encoding (implicit/explicit VR, deflate): same value = same object
+        -- SHA-256 over the data set's tags and values whatever their encoding (implicit/explicit VR, deflate,
+        -- sequence length style): same value = same object, and what an integrity check recomputes
         content_sha256 TEXT NOT NULL,
         receive_count INTEGER NOT NULL DEFAULT 1,
         UNIQUE (sop_instance_uid, content_sha256),
@@ -165,12 +165,25 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (a ';' inside a comment or string does not end one)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current)
+            current = ""
+    if current.strip():
+        statements.append(current)
+    return statements
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            for statement in filter(str.strip, script.split(";")):
+            for statement in _statements(script):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={number}")
         conn.execute("COMMIT")

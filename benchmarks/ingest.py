@@ -1,0 +1,258 @@
+"""Ingest throughput: the same plan study sent with DCMTK storescu to rtqa, DCMTK storescp and Orthanc, in one run.
+
+    .venv/bin/python benchmarks/ingest.py [--repeats 5] [--slices 200]
+
+Data: the Weasis CT of the Eclipse breast-boost chain ($RTQA_TEST_DATA, default ../shared/data/rt), decoded to
+explicit VR little endian and extended to ``--slices`` 512x512 slices (extra slices are copies with new UIDs and
+positions), plus its RTSTRUCT, RTPLAN and RTDOSE. Each receiver starts fresh on loopback for each repetition;
+storescu sends everything in one association with TCP_NODELAY=1 (PEERS.md). Prints objects/s and MB/s
+(medians), the ratios rtqa/storescp and rtqa/orthanc, and the machine. rtqa is measured with its default
+network poll (0.2 ms) and with pynetdicom's own 1 ms, to show what the ``network_poll_s`` setting buys.
+With ``--profile`` the rtqa node also runs under cProfile and the top functions are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import pstats
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+RT_DATA = Path(os.environ.get("RTQA_TEST_DATA", REPO.parent / "shared" / "data" / "rt"))
+CHAIN = "eclipse-breast-boost-fullct-weasis"
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def prepare_data(out: Path, slices: int) -> tuple[int, int]:
+    """Write the benchmark plan study to ``out``; return (objects, bytes)."""
+    chain = RT_DATA / CHAIN
+    if not chain.exists():
+        raise SystemExit(f"benchmark data {chain} not found (set RTQA_TEST_DATA)")
+    cts, others = [], []
+    for path in sorted(chain.iterdir()):
+        if path.suffix in (".md",) or path.name == "SHA256SUMS":
+            continue
+        ds = pydicom.dcmread(path)
+        (cts if ds.Modality == "CT" else others).append(ds)
+    cts.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    thickness = float(cts[1].ImagePositionPatient[2]) - float(cts[0].ImagePositionPatient[2])
+    for ds in cts:
+        ds.decompress()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    for index in range(slices):
+        source = cts[index % len(cts)]
+        ds = source if index < len(cts) else pydicom.dcmread(pydicom.filebase.DicomBytesIO(_encode(source)))
+        if index >= len(cts):
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+                entropy_srcs=["rtqa-benchmark", str(index)])
+            position = list(map(float, cts[-1].ImagePositionPatient))
+            position[2] += thickness * (index - len(cts) + 1)
+            ds.ImagePositionPatient = position
+        ds.save_as(out / f"CT{index:04d}.dcm", enforce_file_format=True)
+    for ds in others:
+        ds.save_as(out / f"{ds.Modality}.dcm", enforce_file_format=True)
+    files = list(out.iterdir())
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def _encode(ds) -> bytes:
+    buffer = pydicom.filebase.DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def send(port: int, called_ae: str, data: Path, expected: int) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(["storescu", "-aec", called_ae, "-pdu", "131072", "+sd", "127.0.0.1", str(port),
+                             str(data)], capture_output=True, text=True, env=ENV)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu to {called_ae} failed: {result.stderr[-2000:]}")
+    return elapsed
+
+
+class Rtqa:
+    name = "rtqa serve"
+
+    def __init__(self, poll_s: float | None = None, profile: Path | None = None) -> None:
+        self.poll_s, self.profile = poll_s, profile
+        if poll_s is not None:
+            self.name = f"rtqa serve (network_poll_s={poll_s * 1000:g} ms)"
+
+    def start(self, work: Path) -> int:
+        data_dir = work / "rtqa"
+        env = dict(ENV, RTQA_LOG_LEVEL="WARNING")
+        if self.poll_s is not None:
+            env["RTQA_NETWORK_POLL_S"] = str(self.poll_s)
+        command = [sys.executable]
+        if self.profile is not None:
+            command += ["-m", "cProfile", "-o", str(self.profile)]
+        command += ["-m", "rtqa_node", "serve", "--data-dir", str(data_dir), "--port", "0"]
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        cwd=REPO)
+        node_file = data_dir / "node.json"
+        deadline = time.monotonic() + 30
+        while not node_file.exists():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("rtqa serve did not start")
+            time.sleep(0.02)
+        return json.loads(node_file.read_text())["port"]
+
+    called_ae = "RTQA"
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(30)
+
+
+class StoreScp:
+    name = "DCMTK storescp"
+    called_ae = "STORESCP"
+
+    def start(self, work: Path) -> int:
+        out = work / "storescp"
+        out.mkdir()
+        port = free_port()
+        self.process = subprocess.Popen(["storescp", "-aet", "STORESCP", "-pdu", "131072", "-od", str(out),
+                                         str(port)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(port)
+        return port
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+class Orthanc:
+    name = "Orthanc (SyncStorageArea, SQLite)"
+    called_ae = "ORTHANC"
+
+    def start(self, work: Path) -> int:
+        storage = work / "orthanc"
+        storage.mkdir()
+        port, self.http = free_port(), free_port()
+        config = work / "orthanc.json"
+        config.write_text(json.dumps({
+            "Name": "pacs", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
+            "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": self.http, "RemoteAccessAllowed": False,
+            "DicomCheckCalledAet": False, "SyncStorageArea": True, "MaximumPduLength": 131072,
+            "Plugins": [], "StableAge": 3600,
+        }))
+        binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        self.process = subprocess.Popen([binary, str(config)], env=ENV, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        wait_for_port(port)
+        wait_for_port(self.http)
+        return port
+
+    def instances(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/statistics", timeout=10) as response:
+            return int(json.load(response)["CountInstances"])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()}: {os.cpu_count()} cores, {model}, Python {platform.python_version()}, {platform.system()}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--extra-poll-s", type=float, nargs="*", default=[],
+                        help="also measure rtqa with these network_poll_s values")
+    parser.add_argument("--profile", action="store_true", help="profile one extra rtqa run and print the top")
+    args = parser.parse_args()
+    if shutil.which("storescu") is None:
+        raise SystemExit("DCMTK is not installed (scripts/setup installs it)")
+    with tempfile.TemporaryDirectory(prefix="rtqa-bench-") as tmp:
+        tmp = Path(tmp)
+        data = tmp / "data"
+        data.mkdir()
+        objects, size = prepare_data(data, args.slices)
+        print(f"machine: {machine()}")
+        print(f"data: {objects} objects ({args.slices} CT slices 512x512 explicit VR LE + RTSTRUCT, RTPLAN, "
+              f"RTDOSE), {size / 1e6:.1f} MB; storescu, one association, TCP_NODELAY=1; "
+              f"{args.repeats} repetitions, receivers interleaved")
+        receivers = [Rtqa(), Rtqa(poll_s=0.001), *(Rtqa(poll_s=p) for p in args.extra_poll_s), StoreScp(), Orthanc()]
+        times: dict[str, list[float]] = {r.name: [] for r in receivers}
+        for repeat in range(args.repeats):
+            for receiver in receivers:
+                work = tmp / f"run-{repeat}-{receivers.index(receiver)}"
+                work.mkdir()
+                port = receiver.start(work)
+                try:
+                    times[receiver.name].append(send(port, receiver.called_ae, data, objects))
+                    if isinstance(receiver, Orthanc):
+                        assert receiver.instances() == objects, "Orthanc did not store every object"
+                finally:
+                    receiver.stop()
+                shutil.rmtree(work)
+        print(f"\n{'receiver':<40} {'objects/s':>10} {'MB/s':>8} {'median s':>9} {'min s':>7} {'max s':>7}")
+        rates = {}
+        for name, samples in times.items():
+            median = statistics.median(samples)
+            rates[name] = objects / median
+            print(f"{name:<40} {objects / median:10.0f} {size / 1e6 / median:8.1f} {median:9.3f} "
+                  f"{min(samples):7.3f} {max(samples):7.3f}")
+        rtqa = rates[receivers[0].name]
+        print(f"\nratio rtqa/storescp: {rtqa / rates[StoreScp.name]:.2f}   (storescp: no fsync, no index)")
+        print(f"ratio rtqa/orthanc:  {rtqa / rates[Orthanc.name]:.2f}   (target >= 1.0: both fsync and index)")
+        print(f"ratio rtqa poll 0.2 ms / 1 ms: {rtqa / rates[receivers[1].name]:.2f}")
+        if args.profile:
+            profile = tmp / "rtqa.prof"
+            receiver = Rtqa(profile=profile)
+            work = tmp / "profile"
+            work.mkdir()
+            port = receiver.start(work)
+            send(port, receiver.called_ae, data, objects)
+            receiver.stop()
+            print("\nwhere rtqa's time goes (cProfile, cumulative, top 25):")
+            pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(25)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
