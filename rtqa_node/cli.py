@@ -61,6 +61,24 @@ def _run_serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
+# -- worker ------------------------------------------------------------------------------------------------
+
+
+def _add_worker(sub) -> None:
+    p = sub.add_parser("worker", help="run a review/dispatch worker: lease jobs from the node's queue until stopped")
+    _add_data_dir(p)
+    p.set_defaults(run=_run_worker)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from rtqa_node.worker import run_worker
+
+    settings = _settings(args)
+    if not settings.index_path.exists():
+        raise InputError(f"no node data in {settings.data_dir} (no index.sqlite); start `rtqa serve` first")
+    return run_worker(settings)
+
+
 # -- status ------------------------------------------------------------------------------------------------
 
 
@@ -106,7 +124,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(data_dir=args.data_dir, plan_study=args.plan_study)
 
 
-COMMANDS: list[Callable] = [_add_serve, _add_status, _add_demo]
+COMMANDS: list[Callable] = [_add_serve, _add_worker, _add_status, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,10 +8,12 @@ import os
 import signal
 import threading
 
+from rtqa_node.assemble import Assembler
 from rtqa_node.config import Settings
 from rtqa_node.dicom.scp import StorageScp
 from rtqa_node.store import Store
 from rtqa_node.store.files import fsync_dir
+from rtqa_node.worker import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,13 @@ def serve(settings: Settings) -> int:
     store = open_store(settings)
     report = store.recover()
     log.info("store_opened", extra={"data_dir": str(settings.data_dir), **report_fields(report)})
+    # assembly after every durable ingest; start() re-evaluates every plan study and re-arms the timers
+    assembler = Assembler(settings.index_path, stable_age_s=settings.stable_age_s,
+                          job_max_attempts=settings.job_max_attempts)
+    store.on_stored = assembler.notify
+    assembler.start()
+    workers = WorkerPool(settings, settings.workers)
+    workers.start()
     scp = StorageScp(settings, store)
     scp.start()
     write_node_file(settings, scp.port)
@@ -44,10 +53,13 @@ def serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        stop.wait()
+        while not stop.wait(0.5):
+            workers.supervise()
     finally:
         log.info("node_stopping")
         scp.stop()
+        workers.stop()
+        assembler.stop()
         (settings.data_dir / "node.json").unlink(missing_ok=True)
         store.close()
     return 0

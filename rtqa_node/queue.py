@@ -213,23 +213,28 @@ class Queue:
         with self.index.transaction() as tx:
             self._guarded(tx, job, owner, JobState.DONE, sets, params, now_s)
 
-    def fail(self, job: Job, owner: str, error: str, *, permanent: bool = False,
-             now_s: float | None = None) -> JobState:
+    def fail(self, job: Job, owner: str, error: str, *, permanent: bool = False, now_s: float | None = None,
+             conn: sqlite3.Connection | None = None) -> JobState:
         """leased -> failed (retry after backoff) or dead (attempts used up, or ``permanent``).
-        Returns the new state. Raises LeaseLost."""
+        Returns the new state. With ``conn``, inside the caller's transaction. Raises LeaseLost."""
         now_s = time.time() if now_s is None else now_s
-        with self.index.transaction() as conn:
-            row = conn.execute("SELECT attempts, max_attempts, retry_base_s FROM jobs WHERE id = ?",
-                               (job.id,)).fetchone()
-            dead = permanent or row["attempts"] >= row["max_attempts"]
-            to_state = JobState.DEAD if dead else JobState.FAILED
-            available = now_s + (0.0 if dead else backoff_s(row["retry_base_s"], row["attempts"]))
-            self._guarded(
-                conn, job, owner, to_state,
-                "lease_expires_at_s = NULL, last_error = ?, available_at_s = ?,"
-                " finished_at_s = CASE WHEN ? THEN ? END",
-                (error[:2000], available, dead, now_s), now_s, error[:200],
-            )
+        if conn is not None:
+            return self._fail(conn, job, owner, error, permanent, now_s)
+        with self.index.transaction() as tx:
+            return self._fail(tx, job, owner, error, permanent, now_s)
+
+    def _fail(self, conn, job: Job, owner: str, error: str, permanent: bool, now_s: float) -> JobState:
+        row = conn.execute("SELECT attempts, max_attempts, retry_base_s FROM jobs WHERE id = ?",
+                           (job.id,)).fetchone()
+        dead = permanent or row["attempts"] >= row["max_attempts"]
+        to_state = JobState.DEAD if dead else JobState.FAILED
+        available = now_s + (0.0 if dead else backoff_s(row["retry_base_s"], row["attempts"]))
+        self._guarded(
+            conn, job, owner, to_state,
+            "lease_expires_at_s = NULL, last_error = ?, available_at_s = ?,"
+            " finished_at_s = CASE WHEN ? THEN ? END",
+            (error[:2000], available, dead, now_s), now_s, error[:200],
+        )
         return to_state
 
     # -- read-only -------------------------------------------------------------------------------------

@@ -19,6 +19,16 @@ def collect_status(settings: Settings) -> dict:
             " MIN(received_at_s) AS first_received_at_s, MAX(received_at_s) AS last_received_at_s"
             " FROM instances GROUP BY study_instance_uid ORDER BY first_received_at_s")]
         versions = index.query("SELECT COUNT(*) FROM instances WHERE version > 1")[0][0]
+        plan_studies = _plan_studies(index)
+        jobs = {row[0]: row[1] for row in index.query(
+            "SELECT state, COUNT(*) FROM jobs GROUP BY state ORDER BY state")}
+        jobs_by_kind: dict[str, dict[str, int]] = {}
+        for row in index.query("SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state"):
+            jobs_by_kind.setdefault(row["kind"], {})[row["state"]] = row["n"]
+        dead_letters = [dict(row) for row in index.query(
+            "SELECT id AS job_id, kind, plan_study_id, revision, attempts, last_error, finished_at_s"
+            " FROM jobs WHERE state = 'dead' ORDER BY id")]
+        outbox = dict(index.query("SELECT COUNT(*) AS results, COUNT(sent_at_s) AS sent FROM outbox")[0])
     finally:
         index.close()
     return {
@@ -31,9 +41,71 @@ def collect_status(settings: Settings) -> dict:
         "conflicting_versions": versions,
         "modalities": modalities,
         "study_list": studies,
-        "plan_studies": [],
-        "jobs": {},
+        "plan_studies": plan_studies,
+        "jobs": jobs,
+        "jobs_by_kind": jobs_by_kind,
+        "dead_letters": dead_letters,
+        "outbox": outbox,
     }
+
+
+def _plan_studies(index: Index) -> list[dict]:
+    """Per plan study: id, state, reason and the timeline of its latest revision.
+
+    ``state`` is the assembly state while waiting, else the furthest stage of the latest revision:
+    ready (job queued) -> reviewing (leased) -> reviewed (done) -> dispatched, or review_retrying / failed
+    (dead review) / dispatch_retrying / dispatch_failed.
+    """
+    rows = index.query(
+        "SELECT p.id, p.state, p.reason, p.revision, p.calling_ae, p.first_object_at_s, p.last_object_at_s,"
+        " p.ready_due_at_s, r.trigger, r.ready_at_s,"
+        " rv.state AS review_state, rv.first_leased_at_s AS leased_at_s, rv.finished_at_s AS reviewed_at_s,"
+        " rv.last_error AS review_error, rv.supersedes,"
+        " d.state AS dispatch_state, d.finished_at_s AS dispatch_finished_at_s, d.last_error AS dispatch_error"
+        " FROM plan_studies p"
+        " LEFT JOIN plan_study_revisions r ON r.plan_study_id = p.id AND r.revision = p.revision"
+        " LEFT JOIN jobs rv ON rv.plan_study_id = p.id AND rv.revision = p.revision AND rv.kind = 'review'"
+        " LEFT JOIN jobs d ON d.plan_study_id = p.id AND d.revision = p.revision AND d.kind = 'dispatch'"
+        " ORDER BY p.first_object_at_s, p.id")
+    result = []
+    for row in rows:
+        state = row["state"]
+        if state == "ready":
+            state = _stage(row["review_state"], row["dispatch_state"])
+        result.append({
+            "id": row["id"],
+            "state": state,
+            "reason": row["reason"],
+            "revision": row["revision"],
+            "ready_by": row["trigger"],
+            "calling_ae": row["calling_ae"],
+            "ready_due_at_s": row["ready_due_at_s"],
+            "supersedes_job": row["supersedes"],
+            "errors": [e for e in (row["review_error"], row["dispatch_error"]) if e],
+            "timeline": {
+                "first_object_at_s": row["first_object_at_s"],
+                "last_object_at_s": row["last_object_at_s"],
+                "ready_at_s": row["ready_at_s"],
+                "leased_at_s": row["leased_at_s"],
+                "done_at_s": row["reviewed_at_s"],
+                "dispatched_at_s": row["dispatch_finished_at_s"] if row["dispatch_state"] == "done" else None,
+            },
+        })
+    return result
+
+
+def _stage(review: str | None, dispatch: str | None) -> str:
+    if dispatch == "done":
+        return "dispatched"
+    if dispatch == "dead":
+        return "dispatch_failed"
+    if dispatch == "failed":
+        return "dispatch_retrying"
+    if review == "dead":
+        return "failed"
+    if review == "done":
+        return "reviewed"
+    return {"leased": "reviewing", "failed": "review_retrying"}.get(review or "", "ready")
 
 
 def _when(seconds: float | None) -> str:
@@ -57,7 +129,15 @@ def format_status(doc: dict) -> str:
     lines.append(f"  plan studies: {len(doc['plan_studies'])}")
     for ps in doc["plan_studies"]:
         reason = f" ({ps['reason']})" if ps.get("reason") else ""
-        lines.append(f"    {ps['id']}: {ps['state']}{reason}")
+        revision = f" r{ps['revision']}" if ps.get("revision") else ""
+        lines.append(f"    {ps['id']}{revision}: {ps['state']}{reason}")
+        timeline = ps.get("timeline") or {}
+        steps = [(name[: -len("_at_s")], timeline.get(name)) for name in
+                 ("first_object_at_s", "ready_at_s", "leased_at_s", "done_at_s", "dispatched_at_s")]
+        lines.append("      " + "  ".join(f"{name.replace('_', ' ')} {_when(at)}" for name, at in steps))
     if doc["jobs"]:
         lines.append("  jobs: " + ", ".join(f"{state} {n}" for state, n in doc["jobs"].items()))
+    for dead in doc.get("dead_letters", []):
+        lines.append(f"  dead letter: job {dead['job_id']} ({dead['kind']}, {dead['plan_study_id']} "
+                     f"r{dead['revision']}, {dead['attempts']} attempts): {dead['last_error']}")
     return "\n".join(lines) + "\n"

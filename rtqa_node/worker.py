@@ -1,0 +1,364 @@
+"""The worker: a separate process that leases jobs from the queue and runs them, one at a time.
+
+- ``review`` jobs: load the revision's member files, run :data:`REVIEW` (a function ``files -> ReviewResult``;
+  the placeholder :func:`review_plan_study` loads every object and counts; the real review replaces this one
+  function), write a result object to the outbox, and in one transaction mark the job done, record the outbox
+  row and enqueue the revision's dispatch job.
+- ``dispatch`` jobs: see :mod:`rtqa_node.dispatch`.
+
+The result's SOP Instance UID is ``2.25.<uuid5(plan_study_id, revision, kind, RESULT_VERSION)>``: a re-run
+after a crash writes an object with the same UID, so duplicates at the receiver are recognisable.
+
+One bad plan never stops the worker: any exception fails that job only (retry with backoff, then dead with
+the error). A review that goes dead still answers: an "analysis not performed" result is written and sent.
+While a job runs, a heartbeat thread extends its lease; if the lease was lost (the worker stalled past its
+lease and another took the job over), the result is not committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from rtqa_node.config import Settings
+from rtqa_node.dispatch import DISPATCH_PRIORITY, dispatch_revision, outbox_path
+from rtqa_node.errors import PermanentError, RetryableError
+from rtqa_node.queue import Job, JobKind, JobState, LeaseLost, Queue, enqueue
+from rtqa_node.store import files as durable
+from rtqa_node.store.index import Index
+
+log = logging.getLogger(__name__)
+
+#: Part of the result UIDs: bump when the result content changes meaning, so new results get new UIDs.
+RESULT_VERSION = "placeholder-review-1"
+_UID_NAMESPACE = uuid.UUID("6f1c8a52-63c0-4b7e-9d5e-0a3c1f2b7e41")
+_IDLE_POLL_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewResult:
+    """What a review found. The placeholder fills only the counts."""
+
+    objects: int
+    size_bytes: int
+    by_modality: dict[str, int] = field(default_factory=dict)
+    findings: tuple[str, ...] = ()
+
+    def summary(self) -> dict:
+        return {"objects": self.objects, "size_bytes": self.size_bytes, "by_modality": self.by_modality,
+                "findings": list(self.findings)}
+
+
+def review_plan_study(files: Sequence[Path]) -> ReviewResult:
+    """Placeholder review: read every object with pydicom and count them by modality.
+
+    Raises:
+        PermanentError: an object cannot be read (retrying will not help).
+    """
+    by_modality: Counter[str] = Counter()
+    size = 0
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:
+            raise PermanentError(f"cannot read a member object: {type(exc).__name__}") from exc
+        by_modality[str(ds.get("Modality", "") or "?")] += 1
+        size += path.stat().st_size
+    return ReviewResult(objects=len(files), size_bytes=size, by_modality=dict(sorted(by_modality.items())))
+
+
+#: The review the worker runs; replace this one function (or pass ``review=`` to :class:`Worker`).
+REVIEW: Callable[[Sequence[Path]], ReviewResult] = review_plan_study
+
+
+def result_uid(plan_study_id: str, revision: int, kind: str) -> str:
+    """Deterministic UID of a result object (PS3.5 B.2: 2.25 + the UUID as an integer)."""
+    name = f"{plan_study_id}/{revision}/{kind}/{RESULT_VERSION}"
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+
+
+def _evidence(plan_path: Path) -> Dataset:
+    """The identifying attributes of the reviewed plan, for the SR's patient/study modules and evidence."""
+    plan = pydicom.dcmread(plan_path, stop_before_pixels=True)
+    ds = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        setattr(ds, keyword, plan.get(keyword))
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                    "StudyDate", "StudyTime", "ReferringPhysicianName", "SpecificCharacterSet"):
+        value = plan.get(keyword)
+        setattr(ds, keyword, value if value is not None else "")
+    if not ds.SpecificCharacterSet:
+        del ds.SpecificCharacterSet
+    return ds
+
+
+def build_result(plan_path: Path, *, plan_study_id: str, revision: int, kind: str, text: str,
+                 supersedes_uid: str | None) -> Dataset:
+    """A Comprehensive SR with the review's text (placeholder for report/sr.py), deterministic UIDs."""
+    import highdicom as hd
+
+    items = [hd.sr.TextContentItem(name=codes.DCM.Finding, value=text,
+                                   relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)]
+    if supersedes_uid:
+        items.append(hd.sr.TextContentItem(
+            name=codes.DCM.Comment, value=f"supersedes the result {supersedes_uid} of an earlier revision",
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    container = hd.sr.ContainerContentItem(name=codes.DCM.ImagingMeasurementReport)
+    container.ContentSequence = items
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[_evidence(plan_path)],
+        content=container,
+        series_instance_uid=result_uid(plan_study_id, 0, "series"),
+        series_number=9901,
+        sop_instance_uid=result_uid(plan_study_id, revision, kind),
+        instance_number=revision,
+        manufacturer="rtqa-node",
+        is_complete=True,
+    )
+    return sr
+
+
+def write_result(settings: Settings, dataset: Dataset, rel_path: Path) -> None:
+    """Durably write (temp file, fsync, rename, directory fsync): a crash never leaves half an object."""
+    final = settings.data_dir / rel_path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=final.parent, suffix=".partial")
+    os.close(fd)
+    try:
+        dataset.save_as(name, enforce_file_format=True)
+        durable.fsync_file(Path(name))
+        os.replace(name, final)
+        durable.fsync_dir(final.parent)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+class Worker:
+    """Leases and runs jobs until ``stop`` is set. Construct one per process."""
+
+    def __init__(self, settings: Settings, *, review: Callable[[Sequence[Path]], ReviewResult] | None = None,
+                 owner: str | None = None, parent_pid: int | None = None) -> None:
+        self.settings = settings
+        self.review = review or REVIEW
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.parent_pid = parent_pid
+        self.index = Index(settings.index_path)
+        self.queue = Queue(self.index)
+        self.stop = threading.Event()
+
+    def close(self) -> None:
+        self.index.close()
+
+    def run(self) -> None:
+        log.info("worker_started", extra={"worker": self.owner})
+        while not self.stop.is_set():
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning("worker_orphaned", extra={"worker": self.owner})
+                break
+            if self.run_once() is None:
+                wait = self.queue.next_available_in_s()
+                self.stop.wait(_IDLE_POLL_S if wait is None else min(max(wait, 0.01), _IDLE_POLL_S))
+        log.info("worker_stopped", extra={"worker": self.owner})
+
+    def run_once(self) -> Job | None:
+        """Lease one job and run it to an outcome; None when no job was available."""
+        job = self.queue.lease(self.owner, self.settings.job_lease_s)
+        if job is None:
+            return None
+        extra = {"job_id": job.id, "plan_study_id": job.plan_study_id, "revision": job.revision,
+                 "kind": str(job.kind), "attempt": job.attempts, "worker": self.owner}
+        log.info("job_leased", extra=extra)
+        beat = _Heartbeat(self.queue, job, self.owner, self.settings.job_lease_s)
+        beat.start()
+        try:
+            if job.kind is JobKind.REVIEW:
+                self._review(job)
+            else:
+                self._dispatch(job)
+            log.info("job_done", extra=extra)
+        except LeaseLost:
+            log.warning("job_lease_lost", extra=extra)
+        except Exception as exc:  # one bad plan never stops the worker
+            permanent = isinstance(exc, PermanentError)
+            error = f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, (RetryableError, PermanentError)):
+                log.exception("job_error", extra=extra)
+            try:
+                state = self._fail(job, error, permanent=permanent)
+                log.warning("job_failed", extra={**extra, "state": str(state), "error": error[:300]})
+            except LeaseLost:
+                log.warning("job_lease_lost", extra=extra)
+        finally:
+            beat.stop()
+        return job
+
+    # -- review ----------------------------------------------------------------------------------------
+
+    def _members(self, job: Job) -> tuple[Path, list[Path]]:
+        rows = self.index.query(
+            "SELECT m.role, i.path FROM plan_study_members m JOIN instances i ON i.id = m.instance_id"
+            " WHERE m.plan_study_id = ? AND m.revision = ? ORDER BY m.role, i.id", (job.plan_study_id, job.revision))
+        paths = [self.settings.data_dir / row["path"] for row in rows]
+        plan = next(self.settings.data_dir / row["path"] for row in rows if row["role"] == "plan")
+        return plan, paths
+
+    def _review(self, job: Job) -> None:
+        plan, paths = self._members(job)
+        result = self.review(paths)
+        text = (f"Placeholder review of revision {job.revision}: {result.objects} objects ("
+                + ", ".join(f"{m} {n}" for m, n in result.by_modality.items()) + ")")
+        self._publish(job, plan, str(JobKind.REVIEW), text, lambda conn: self.queue.complete(
+            job, self.owner, result=result.summary(), conn=conn))
+
+    def _publish(self, job: Job, plan: Path, kind: str, text: str, finish: Callable) -> None:
+        """Write the result object, then in one transaction: ``finish(conn)`` (job done or dead), the outbox
+        row, the dispatch job."""
+        supersedes_uid = None
+        if job.supersedes is not None:
+            prior = self.index.query("SELECT sop_instance_uid FROM outbox WHERE job_id = ?", (job.supersedes,))
+            supersedes_uid = prior[0][0] if prior else None
+        dataset = build_result(plan, plan_study_id=job.plan_study_id, revision=job.revision, kind=kind,
+                               text=text, supersedes_uid=supersedes_uid)
+        rel = outbox_path(job.plan_study_id, job.revision, kind)
+        write_result(self.settings, dataset, rel)
+        now_s = time.time()
+        with self.index.transaction() as conn:
+            finish(conn)
+            conn.execute(
+                "INSERT OR IGNORE INTO outbox (job_id, plan_study_id, revision, sop_instance_uid, sop_class_uid,"
+                " path, created_at_s) VALUES (?,?,?,?,?,?,?)",
+                (job.id, job.plan_study_id, job.revision, str(dataset.SOPInstanceUID), str(dataset.SOPClassUID),
+                 rel.as_posix(), now_s))
+            enqueue(conn, plan_study_id=job.plan_study_id, revision=job.revision, kind=JobKind.DISPATCH,
+                    max_attempts=self.settings.dispatch_max_attempts,
+                    retry_base_s=self.settings.dispatch_retry_base_s, priority=DISPATCH_PRIORITY, now_s=now_s)
+
+    def _fail(self, job: Job, error: str, *, permanent: bool) -> JobState:
+        last_attempt = permanent or job.attempts >= job.max_attempts
+        if job.kind is JobKind.REVIEW and last_attempt:
+            # a dead review still answers: "analysis not performed", with the reason
+            try:
+                plan, _ = self._members(job)
+                self._publish(job, plan, str(JobKind.REVIEW), f"Analysis not performed: {error[:500]}",
+                              lambda conn: self.queue.fail(job, self.owner, error, permanent=True, conn=conn))
+                return JobState.DEAD
+            except LeaseLost:
+                raise
+            except Exception:
+                log.exception("not_performed_result_failed", extra={"job_id": job.id})
+        return self.queue.fail(job, self.owner, error, permanent=permanent)
+
+    # -- dispatch --------------------------------------------------------------------------------------
+
+    def _dispatch(self, job: Job) -> None:
+        outcome = dispatch_revision(self.settings, self.index, job.plan_study_id, job.revision)
+        self.queue.complete(job, self.owner, result={"destination": outcome.destination,
+                                                      "objects": outcome.objects})
+
+
+class _Heartbeat:
+    """Extends a job's lease every third of the lease time while the job runs."""
+
+    def __init__(self, queue: Queue, job: Job, owner: str, lease_s: float) -> None:
+        self.queue, self.job, self.owner, self.lease_s = queue, job, owner, lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job.id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                self.queue.heartbeat(self.job, self.owner, self.lease_s)
+            except LeaseLost:
+                return
+            except Exception:
+                log.exception("heartbeat_failed", extra={"job_id": self.job.id})
+
+
+def run_worker(settings: Settings, *, parent_pid: int | None = None) -> int:
+    """``rtqa worker``: run until SIGTERM/SIGINT (the current job is finished first)."""
+    worker = Worker(settings, parent_pid=parent_pid)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: worker.stop.set())
+    try:
+        worker.run()
+    finally:
+        worker.close()
+    return 0
+
+
+def worker_process_main(settings: Settings, log_level: str, parent_pid: int) -> None:
+    """Entry point of a worker child started by ``rtqa serve --workers N`` (multiprocessing, spawn)."""
+    from rtqa_node.log import configure
+
+    configure(log_level)
+    raise SystemExit(run_worker(settings, parent_pid=parent_pid))
+
+
+__all__ = ["REVIEW", "ReviewResult", "Worker", "build_result", "result_uid", "review_plan_study", "run_worker"]
+
+
+class WorkerPool:
+    """The worker child processes of ``rtqa serve --workers N``: started, restarted when one dies (a crash
+    or kill -9 must not leave the queue without workers), stopped with SIGTERM (then SIGKILL) on shutdown."""
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        import multiprocessing
+
+        self.settings = settings
+        self.count = count
+        # spawn, not fork: the parent runs pynetdicom and apscheduler threads, which fork would copy mid-state
+        self._context = multiprocessing.get_context("spawn")
+        self._processes: list = []
+
+    def _spawn(self):
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        process = self._context.Process(target=worker_process_main, args=(self.settings, level, os.getpid()),
+                                        name="rtqa-worker", daemon=False)
+        process.start()
+        log.info("worker_process_started", extra={"pid": process.pid})
+        return process
+
+    def start(self) -> None:
+        self._processes = [self._spawn() for _ in range(self.count)]
+
+    def supervise(self) -> None:
+        for i, process in enumerate(self._processes):
+            if not process.is_alive():
+                log.warning("worker_process_exited", extra={"pid": process.pid, "exitcode": process.exitcode})
+                self._processes[i] = self._spawn()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes]
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + timeout_s
+        for process in self._processes:
+            process.join(max(deadline - time.monotonic(), 0.1))
+            if process.is_alive():
+                process.kill()
+                process.join(5)
