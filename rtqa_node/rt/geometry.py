@@ -1,0 +1,397 @@
+"""Contour rasterisation with sub-voxel accuracy, interpolation between contour planes, and end caps.
+
+Conventions (docs/architecture.md, "Review data: RT geometry and DVH"):
+
+- **In-plane.** Each contour plane is rasterised on a fine lattice (pixel ``delta_mm``, aligned to a reference grid
+  and ``subdivision`` times finer than it) by scanlines: every lattice row is cut by ``row_samples`` horizontal
+  lines, the polygon edges' crossings with each line are computed exactly, and the pixel coverage along x is the
+  exact length of the inside spans within the pixel. Coverage is a fraction in [0, 1].
+- **Holes and several contours per plane** combine by the even-odd rule (XOR), as TPSs do (PS3.3 C.8.8.6.3 leaves
+  it to the application; Eclipse, RayStation, Pinnacle and dicompyler treat an inner contour as a hole).
+  Crossings on an edge's upper end point are excluded (half-open edges), so a vertex on a scanline counts once.
+- **Between planes** (:class:`Interpolation`): ``SLAB`` stacks each plane's shape ±half the spacing to the next
+  (what most DVH tools do); ``LINEAR`` interpolates the in-plane signed distance linearly in z (shape-based
+  interpolation, Herman et al. 1992); ``SMOOTH`` (default) takes the shape from that interpolated signed distance
+  but sets its iso-level so that the cross-section area follows a cubic through the areas of the neighbouring
+  planes (clamped to their range). A sphere or cone, whose area is quadratic in z, is then reproduced exactly
+  between planes; the slab stack is 1.6 % low on Nelms' 3 mm sphere.
+- **End caps** (:class:`EndCap`): ``HALF_SLICE`` (default) extrudes the first and last contour plane outward by
+  half the local contour spacing (the Nelms et al. 2015 analytic reference and Pinnacle do this); ``NONE`` ends the
+  structure at its first and last planes (Eclipse). A shape that ends inside the structure (a plane with no
+  contour between planes with contours) gets the same treatment on that side.
+- **Outside the grid.** Nothing fails: the lattice covers the structure, and the DVH engine clips samples that
+  fall outside the dose grid (reported as ``volume_outside_dose_cc``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+from scipy import ndimage
+
+from rtqa_node.rt.plan_study import GridGeometry, Structure
+
+
+class EndCap(str, Enum):
+    HALF_SLICE = "half_slice"
+    NONE = "none"
+
+
+class Interpolation(str, Enum):
+    SLAB = "slab"
+    LINEAR = "linear"
+    SMOOTH = "smooth"
+
+
+@dataclass(frozen=True)
+class RasterSettings:
+    """How finely and by which conventions a structure is rasterised.
+
+    ``max_lattice_samples`` bounds nx*ny*nz per structure (memory and time); ``min_samples_across`` asks for at
+    least that many lattice pixels across the structure's smaller in-plane extent; the lattice is never coarser
+    than the reference grid and at most ``max_subdivision`` times finer.
+    """
+
+    end_cap: EndCap = EndCap.HALF_SLICE
+    interpolation: Interpolation = Interpolation.SMOOTH
+    row_samples: int = 2
+    min_samples_across: int = 96
+    max_subdivision: int = 16
+    max_lattice_samples: int = 3_000_000
+
+    def __post_init__(self) -> None:
+        if self.row_samples < 1:
+            raise ValueError(f"row_samples must be >= 1, got {self.row_samples}")
+        if self.max_subdivision < 1 or self.min_samples_across < 1 or self.max_lattice_samples < 1000:
+            raise ValueError("max_subdivision, min_samples_across must be >= 1 and max_lattice_samples >= 1000")
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """Pixel centres at ``x0_mm + i*delta_mm`` (i < nx) and ``y0_mm + j*delta_mm`` (j < ny)."""
+
+    x0_mm: float
+    y0_mm: float
+    delta_mm: float
+    nx: int
+    ny: int
+
+    @property
+    def xs_mm(self) -> np.ndarray:
+        return self.x0_mm + self.delta_mm * np.arange(self.nx)
+
+    @property
+    def ys_mm(self) -> np.ndarray:
+        return self.y0_mm + self.delta_mm * np.arange(self.ny)
+
+
+@dataclass(frozen=True)
+class Voxelisation:
+    """A structure as fractional occupancy of thin slabs on a fine lattice.
+
+    ``coverage[k]`` (nz, ny, nx) is the inside fraction of each lattice pixel in the slab centred at ``z_mm[k]``
+    with thickness ``thickness_mm[k]``. ``boundary_points_mm`` (M, 3): contour vertices on their planes and on the
+    end-cap faces, the extreme points at which a linear dose takes its minimum and maximum.
+    """
+
+    lattice: Lattice
+    z_mm: np.ndarray = field(repr=False)
+    thickness_mm: np.ndarray = field(repr=False)
+    coverage: np.ndarray = field(repr=False)
+    boundary_points_mm: np.ndarray = field(repr=False)
+
+    @property
+    def volume_cc(self) -> float:
+        area = self.coverage.sum(axis=(1, 2), dtype=np.float64) * self.lattice.delta_mm ** 2
+        return float(np.dot(area, self.thickness_mm) / 1000.0)
+
+
+def rasterise_plane(polygons: list[np.ndarray], lattice: Lattice, row_samples: int = 2) -> np.ndarray:
+    """Even-odd coverage (ny, nx) float32 of polygons (each (N, 2) xy in mm) on the lattice.
+
+    Exact along x (span lengths inside each pixel), ``row_samples`` scanlines per pixel row along y.
+    """
+    d = lattice.delta_mm
+    n_lines = lattice.ny * row_samples
+    line_y0 = lattice.y0_mm - d / 2 + d / (2 * row_samples)
+    line_dy = d / row_samples
+    xa, ya, xb, yb = [], [], [], []
+    for poly in polygons:
+        p = np.asarray(poly, dtype=np.float64)
+        if len(p) < 3:
+            continue
+        q = np.roll(p, -1, axis=0)
+        xa.append(p[:, 0]); ya.append(p[:, 1]); xb.append(q[:, 0]); yb.append(q[:, 1])
+    out = np.zeros((lattice.ny, lattice.nx), dtype=np.float32)
+    if not xa:
+        return out
+    xa, ya, xb, yb = (np.concatenate(v) for v in (xa, ya, xb, yb))
+    keep = ya != yb  # horizontal edges never cross a scanline under the half-open rule
+    xa, ya, xb, yb = xa[keep], ya[keep], xb[keep], yb[keep]
+    ymin, ymax = np.minimum(ya, yb), np.maximum(ya, yb)
+    # scanlines s with ymin <= y_s < ymax (half-open: a vertex on a line is counted by exactly one edge there)
+    s_lo = np.clip(np.ceil((ymin - line_y0) / line_dy), 0, n_lines).astype(np.int64)
+    s_hi = np.clip(np.ceil((ymax - line_y0) / line_dy), 0, n_lines).astype(np.int64)
+    counts = s_hi - s_lo
+    total = int(counts.sum())
+    if total == 0:
+        return out
+    edge = np.repeat(np.arange(len(counts)), counts)
+    starts = np.cumsum(counts) - counts
+    s = s_lo[edge] + (np.arange(total) - starts[edge])
+    y = line_y0 + s * line_dy
+    x = xa[edge] + (y - ya[edge]) * (xb[edge] - xa[edge]) / (yb[edge] - ya[edge])
+    order = np.lexsort((x, s))
+    s, x = s[order], x[order]
+    first_of_line = np.searchsorted(s, s, side="left")
+    sign = np.where((np.arange(total) - first_of_line) % 2 == 0, 1.0, -1.0)
+    u = (x - (lattice.x0_mm - d / 2)) / d  # in pixels from the left edge of pixel 0
+    j = np.floor(u)
+    f = u - j
+    j = j.astype(np.int64)
+    row = s // row_samples
+    width = lattice.nx + 1
+    left = j < 0
+    j_c = np.where(left, 0, j)
+    w0 = np.where(left, sign, sign * (1.0 - f))
+    w1 = np.where(left, 0.0, sign * f)
+    inside = j < lattice.nx
+    acc = np.bincount((row * width + j_c)[inside], weights=w0[inside], minlength=lattice.ny * width)
+    inside1 = inside & (j_c + 1 < width)
+    acc += np.bincount((row * width + j_c + 1)[inside1], weights=w1[inside1], minlength=lattice.ny * width)
+    cov = np.cumsum(acc.reshape(lattice.ny, width), axis=1)[:, : lattice.nx] / row_samples
+    return np.clip(cov, 0.0, 1.0).astype(np.float32)
+
+
+def signed_distance(coverage: np.ndarray, delta_mm: float) -> np.ndarray:
+    """Approximate signed distance (mm, negative inside) to the boundary of a coverage image.
+
+    Far from the boundary: Euclidean distance transforms of the half-covered mask, shifted by half a pixel so the
+    zero level lies between pixel centres; at boundary pixels: ``(0.5 - coverage) * delta`` (exact for an edge
+    parallel to a lattice axis). A plane whose shape is smaller than one pixel becomes a point at its most
+    covered pixel. An empty plane gives +inf.
+    """
+    inside = coverage >= 0.5
+    if not inside.any():
+        if coverage.max() <= 0:
+            return np.full(coverage.shape, np.inf, dtype=np.float32)
+        inside = np.zeros_like(inside)
+        inside[np.unravel_index(int(np.argmax(coverage)), coverage.shape)] = True
+        return (ndimage.distance_transform_edt(~inside) * delta_mm).astype(np.float32)
+    if inside.all():
+        dist_out = ndimage.distance_transform_edt(np.pad(inside, 1)) [1:-1, 1:-1]
+        return (-(dist_out - 0.5) * delta_mm).astype(np.float32)
+    dist_in = ndimage.distance_transform_edt(~inside)  # outside pixels: distance to nearest inside centre
+    dist_out = ndimage.distance_transform_edt(inside)  # inside pixels: distance to nearest outside centre
+    sdf = np.where(inside, -(dist_out - 0.5), dist_in - 0.5) * delta_mm
+    partial = (coverage > 0) & (coverage < 1)
+    sdf[partial] = (0.5 - coverage[partial]) * delta_mm
+    return sdf.astype(np.float32)
+
+
+def _choose_lattice(planes, reference: GridGeometry | None, settings: RasterSettings,
+                    n_z_for) -> tuple[Lattice, int]:
+    xy = np.concatenate([np.concatenate(polys) for _, polys in planes])
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    extent = np.maximum(hi - lo, 1e-3)
+    if reference is not None and reference.is_axial:
+        sx, sy = reference.spacing_mm[0], reference.spacing_mm[1]
+        base = min(sx, sy)
+        gx0, gy0 = reference.origin_mm[0], reference.origin_mm[1]
+    else:
+        base = max(float(extent.min()) / 8.0, 0.1)
+        gx0 = gy0 = 0.0
+    m = max(1, min(settings.max_subdivision, math.ceil(settings.min_samples_across * base / float(extent.min()))))
+    while True:
+        delta = base / m
+        nx = int(math.ceil(extent[0] / delta)) + 4
+        ny = int(math.ceil(extent[1] / delta)) + 4
+        if m == 1 or nx * ny * n_z_for(delta) <= settings.max_lattice_samples:
+            break
+        m -= 1
+    # align pixel centres to the reference grid subdivided m times, so that m x m lattice pixels make one voxel
+    sub0x = gx0 - base / 2 + delta / 2
+    sub0y = gy0 - base / 2 + delta / 2
+    x0 = sub0x + math.floor((lo[0] - 2 * delta - sub0x) / delta) * delta
+    y0 = sub0y + math.floor((lo[1] - 2 * delta - sub0y) / delta) * delta
+    nx = int(math.ceil((hi[0] + 2 * delta - x0) / delta)) + 1
+    ny = int(math.ceil((hi[1] + 2 * delta - y0) / delta)) + 1
+    return Lattice(x0, y0, delta, nx, ny), m
+
+
+def _cubic_weights(zs: np.ndarray, z: float) -> np.ndarray:
+    """Lagrange weights of the nodes ``zs`` at ``z``."""
+    w = np.ones(len(zs))
+    for i in range(len(zs)):
+        for j in range(len(zs)):
+            if i != j:
+                w[i] *= (z - zs[j]) / (zs[i] - zs[j])
+    return w
+
+
+def voxelise(structure: Structure, reference: GridGeometry | None = None,
+             settings: RasterSettings = RasterSettings(), *, z_step_mm: float | None = None) -> Voxelisation:
+    """Rasterise a structure's closed planar contours into thin slabs on a fine lattice.
+
+    Args:
+        structure: a structure with at least one CLOSED_PLANAR contour.
+        reference: the grid the lattice aligns to and subdivides (the dose or CT grid); None: from the extent.
+        settings: conventions and resolution.
+        z_step_mm: slab thickness target between planes (default: the lattice pixel, at most half the
+            reference's frame spacing).
+    Raises:
+        ValueError: the structure has no closed planar contour.
+    """
+    planes = structure.planes()
+    if not planes:
+        raise ValueError(f"structure {structure.name!r} has no closed planar contour")
+    zs = np.asarray([z for z, _ in planes])
+    gaps = np.diff(zs)
+    typical_gap = float(np.median(gaps)) if len(gaps) else (reference.spacing_mm[2] if reference else 1.0)
+    ref_dz = reference.spacing_mm[2] if reference is not None else typical_gap
+
+    def step_for(delta: float) -> float:
+        return z_step_mm if z_step_mm else min(delta, ref_dz / 2)
+
+    def n_z_for(delta: float) -> int:
+        cap = typical_gap if settings.end_cap == EndCap.HALF_SLICE else 0.0
+        return int(math.ceil((zs[-1] - zs[0] + cap) / step_for(delta))) + len(planes)
+
+    lattice, _ = _choose_lattice(planes, reference, settings, n_z_for)
+    step = step_for(lattice.delta_mm)
+    d = lattice.delta_mm
+    cov = [rasterise_plane(polys, lattice, settings.row_samples) for _, polys in planes]
+    area = np.asarray([c.sum(dtype=np.float64) for c in cov]) * d * d
+    sdf = [signed_distance(c, d) if settings.interpolation != Interpolation.SLAB else None for c in cov]
+
+    slabs_z: list[float] = []
+    slabs_t: list[float] = []
+    slabs_c: list[np.ndarray] = []
+
+    def add_extrusion(k: int, z_from: float, z_to: float) -> None:
+        n = max(1, int(math.ceil(abs(z_to - z_from) / step - 1e-9)))
+        t = (z_to - z_from) / n
+        for i in range(n):
+            slabs_z.append(z_from + (i + 0.5) * t)
+            slabs_t.append(abs(t))
+            slabs_c.append(cov[k])
+
+    n = len(planes)
+    # A "gap" is wider than 1.5 typical spacings or between a plane and an empty neighbour: treat both sides as ends.
+    caps = settings.end_cap == EndCap.HALF_SLICE
+    for k in range(n):
+        connected_below = k > 0 and gaps[k - 1] <= 1.5 * typical_gap + 1e-6
+        connected_above = k < n - 1 and gaps[k] <= 1.5 * typical_gap + 1e-6
+        if not connected_below and caps:
+            add_extrusion(k, zs[k] - typical_gap / 2, zs[k])
+        if not connected_above:
+            if caps:
+                add_extrusion(k, zs[k], zs[k] + typical_gap / 2)
+            continue
+        h = gaps[k]
+        nz = max(1, int(math.ceil(h / step - 1e-9)))
+        t_slab = h / nz
+        if settings.interpolation == Interpolation.SLAB:
+            for i in range(nz):
+                frac = (i + 0.5) / nz
+                slabs_z.append(zs[k] + frac * h)
+                slabs_t.append(t_slab)
+                slabs_c.append(cov[k] if frac < 0.5 else cov[k + 1])
+            continue
+        s0, s1 = sdf[k], sdf[k + 1]
+        if not np.isfinite(s0).any() or not np.isfinite(s1).any():
+            # one side is empty (degenerate polygons outside the lattice): extrude each side half way
+            for i in range(nz):
+                frac = (i + 0.5) / nz
+                slabs_z.append(zs[k] + frac * h)
+                slabs_t.append(t_slab)
+                slabs_c.append(cov[k] if frac < 0.5 else cov[k + 1])
+            continue
+        # stencil for the area profile: up to two connected planes on each side
+        lo_k = k - 1 if connected_below else k
+        hi_k = k + 2 if (k + 2 < n and gaps[k + 1] <= 1.5 * typical_gap + 1e-6) else k + 1
+        stencil = np.arange(lo_k, hi_k + 1)
+        a_lo, a_hi = float(area[stencil].min()), float(area[stencil].max())
+        s_min = np.minimum(s0, s1)
+        union_cov = np.clip(0.5 - s_min / d, 0.0, 1.0)
+        for i in range(nz):
+            frac = (i + 0.5) / nz
+            z = zs[k] + frac * h
+            s = (1.0 - frac) * s0 + frac * s1
+            level = 0.0
+            if settings.interpolation == Interpolation.SMOOTH and len(stencil) >= 3:
+                target = float(np.dot(_cubic_weights(zs[stencil], z), area[stencil]))
+                target = min(max(target, a_lo), a_hi)
+                s = np.maximum(s, s_min)  # solve the level on the field capped by the two planes' union
+                level = _level_for_area(s, target, d)
+            c = np.clip(0.5 - (s - level) / d, 0.0, 1.0)
+            if level > 0:
+                # never grow past the union of the two planes' shapes (keeps a prism's flat ends flat)
+                c = np.minimum(c, union_cov)
+            c = c.astype(np.float32)
+            slabs_z.append(z)
+            slabs_t.append(t_slab)
+            slabs_c.append(c)
+
+    boundary = [np.column_stack([np.concatenate(polys), np.full(sum(len(p) for p in polys), z)])
+                for z, polys in planes]
+    if caps:
+        for z, polys, dz in ((planes[0][0], planes[0][1], -typical_gap / 2),
+                             (planes[-1][0], planes[-1][1], typical_gap / 2)):
+            pts = np.concatenate(polys)
+            boundary.append(np.column_stack([pts, np.full(len(pts), z + dz)]))
+    order = np.argsort(slabs_z, kind="stable")
+    return Voxelisation(
+        lattice=lattice,
+        z_mm=np.asarray(slabs_z)[order],
+        thickness_mm=np.asarray(slabs_t)[order],
+        coverage=np.stack(slabs_c)[order] if slabs_c else np.zeros((0, lattice.ny, lattice.nx), np.float32),
+        boundary_points_mm=np.concatenate(boundary),
+    )
+
+
+def _level_for_area(s: np.ndarray, target_mm2: float, delta_mm: float) -> float:
+    """The iso-level L such that the coverage clip(0.5 - (s - L)/delta) has area ``target_mm2``."""
+    flat = s.ravel()
+    k = int(round(target_mm2 / (delta_mm * delta_mm)))
+    if k <= 0:
+        return float(flat.min()) - delta_mm
+    if k >= flat.size:
+        return float(flat.max()) + delta_mm
+    part = np.partition(flat, (k - 1, k))
+    return float(0.5 * (part[k - 1] + part[k]))
+
+
+def rasterise_to_grid(structure: Structure, grid: GridGeometry,
+                      settings: RasterSettings = RasterSettings()) -> np.ndarray:
+    """Fractional occupancy (frames, rows, columns) float32 of a structure on an axial grid (dose or CT).
+
+    Parts outside the grid are clipped. Raises ValueError for a non-axial grid or a structure without contours.
+    """
+    if not grid.is_axial:
+        raise ValueError("rasterise_to_grid supports axial grids (identity orientation) only")
+    vox = voxelise(structure, grid, settings)
+    lat = vox.lattice
+    sx, sy = grid.spacing_mm[0], grid.spacing_mm[1]
+    nf, nr, nc = grid.shape
+    # in-plane: area-weighted binning of lattice pixels into grid voxels (lattice is aligned to a subdivision)
+    col = np.floor((lat.xs_mm - (grid.origin_mm[0] - sx / 2)) / sx).astype(np.int64)
+    row = np.floor((lat.ys_mm - (grid.origin_mm[1] - sy / 2)) / sy).astype(np.int64)
+    bx = np.zeros((nc, lat.nx)); okx = (col >= 0) & (col < nc); bx[col[okx], np.nonzero(okx)[0]] = 1.0
+    by = np.zeros((nr, lat.ny)); oky = (row >= 0) & (row < nr); by[row[oky], np.nonzero(oky)[0]] = 1.0
+    # through-plane: overlap of each slab with each frame's extent
+    zc = grid.z_positions_mm
+    bounds = np.concatenate([[zc[0] - (zc[1] - zc[0]) / 2 if nf > 1 else zc[0] - grid.spacing_mm[2] / 2],
+                             (zc[1:] + zc[:-1]) / 2,
+                             [zc[-1] + (zc[-1] - zc[-2]) / 2 if nf > 1 else zc[0] + grid.spacing_mm[2] / 2]])
+    s_lo, s_hi = vox.z_mm - vox.thickness_mm / 2, vox.z_mm + vox.thickness_mm / 2
+    overlap = np.clip(np.minimum(s_hi[None], bounds[1:, None]) - np.maximum(s_lo[None], bounds[:-1, None]), 0, None)
+    frame_thickness = np.diff(bounds)[:, None]
+    wz = overlap / frame_thickness  # (frames, slabs)
+    pixel_fraction = (lat.delta_mm ** 2) / (sx * sy)
+    per_slab = np.einsum("ry,kyx,cx->krc", by, vox.coverage, bx, optimize=True) * pixel_fraction
+    occ = np.tensordot(wz, per_slab, axes=(1, 0))
+    return np.clip(occ, 0.0, 1.0).astype(np.float32)
