@@ -11,7 +11,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 
 from conftest import dicom_files
 from rtqa_node.store import Outcome, Refusal, Store, StoreRefused
-from rtqa_node.store.encoding import EncodingError, check_dataset_encoding, read_part10_header
+from rtqa_node.store.describe import IMAGE_TAGS, describe, describe_image
+from rtqa_node.store.encoding import EncodingError, check_dataset_encoding, read_part10_header, walk_dataset
 
 
 @pytest.fixture
@@ -189,3 +190,24 @@ def test_store_survives_reopen(tmp_path, rt_data):
     assert reopened.import_file(rt_data / "raystation-proton-ramp-aptg" / "ramped_2Gy_ver2_full.dcm").outcome \
         is Outcome.DUPLICATE
     shutil.rmtree(tmp_path / "data")
+
+
+def test_images_described_from_raw_values_match_pydicom(rt_data):
+    """The fast path (no pydicom parse for CT/MR/PET) must describe every image exactly as pydicom does."""
+    compared = 0
+    for path in dicom_files(rt_data):
+        data = path.read_bytes()
+        if data[128:132] != b"DICM":
+            continue
+        try:
+            header = read_part10_header(data)
+            walk = walk_dataset(data, header.dataset_offset, header.transfer_syntax_uid,
+                                capture=frozenset(IMAGE_TAGS.values()))
+        except EncodingError:
+            continue
+        fast = describe_image(walk.values)
+        if fast is None:
+            continue
+        assert fast == describe(pydicom.dcmread(path, stop_before_pixels=True)), path
+        compared += 1
+    assert compared >= 100  # the CT slices of the collection

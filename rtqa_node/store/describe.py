@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from pydicom.charset import decode_bytes
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -70,9 +71,62 @@ def describe(ds: Dataset) -> ObjectDescription:
     Raises:
         DescriptionError: an identifying UID (SOP Class/Instance, Study, Series) is missing or invalid.
     """
+    return _description(
+        ds.get,
+        frame_of_reference_uid=_frame_of_reference(ds),
+        references=tuple(sorted(set(_references(ds)))),
+    )
+
+
+#: Top-level attributes enough to describe an image that references nothing (see :func:`describe_image`).
+IMAGE_TAGS: dict[str, int] = {
+    "SpecificCharacterSet": 0x00080005,
+    "SOPClassUID": 0x00080016,
+    "SOPInstanceUID": 0x00080018,
+    "Modality": 0x00080060,
+    "PatientID": 0x00100020,
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+    "InstanceNumber": 0x00200013,
+    "FrameOfReferenceUID": 0x00200052,
+}
+#: Image SOP classes the node reads no references from: described from raw values, without pydicom.
+_PLAIN_IMAGE_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1",   # CT, Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1",   # MR, Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.130",  # PET, Enhanced PET
+})
+
+
+def describe_image(values: dict[int, bytes]) -> ObjectDescription | None:
+    """Describe a CT, MR or PET image from the raw top-level values captured while walking its encoding.
+
+    Returns None when the object is not such an image; :func:`describe` must then read it with pydicom.
+
+    Raises:
+        DescriptionError: as :func:`describe`.
+    """
+    sop_class = values.get(IMAGE_TAGS["SOPClassUID"], b"").strip(b"\x00 ").decode("ascii", "replace")
+    if sop_class not in _PLAIN_IMAGE_CLASSES:
+        return None
+    charset = values.get(IMAGE_TAGS["SpecificCharacterSet"], b"").decode("ascii", "replace").strip("\x00 ")
+    encodings = [e.strip() for e in charset.split("\\")] if charset else ["ISO_IR 6"]
+
+    def get(keyword: str, default=None):
+        raw = values.get(IMAGE_TAGS[keyword])
+        if raw is None:
+            return default
+        if keyword == "PatientID":
+            return decode_bytes(raw, encodings, {0x00100020}).strip("\x00 ")
+        return raw.decode("ascii", "replace").strip("\x00 ")
+
+    return _description(get, frame_of_reference_uid=get("FrameOfReferenceUID", ""), references=())
+
+
+def _description(get, *, frame_of_reference_uid: str, references: tuple) -> ObjectDescription:
     values = {}
     for keyword in _IDENTIFYING:
-        value = ds.get(keyword)
+        value = get(keyword)
         if value is None or str(value).strip() == "":
             raise DescriptionError(f"required attribute {keyword} is missing or empty", kind="missing")
         value = str(value).strip("\x00 ")
@@ -83,9 +137,9 @@ def describe(ds: Dataset) -> ObjectDescription:
                 kind="invalid",
             )
         values[keyword] = value
-    instance_number = ds.get("InstanceNumber")
+    instance_number = get("InstanceNumber")
     try:
-        instance_number = int(instance_number) if instance_number not in (None, "") else None
+        instance_number = int(str(instance_number).strip()) if instance_number not in (None, "") else None
     except (TypeError, ValueError):
         instance_number = None
     return ObjectDescription(
@@ -93,11 +147,11 @@ def describe(ds: Dataset) -> ObjectDescription:
         sop_instance_uid=values["SOPInstanceUID"],
         study_instance_uid=values["StudyInstanceUID"],
         series_instance_uid=values["SeriesInstanceUID"],
-        modality=str(ds.get("Modality", "") or ""),
-        patient_id=str(ds.get("PatientID", "") or ""),
-        frame_of_reference_uid=_frame_of_reference(ds),
+        modality=str(get("Modality", "") or ""),
+        patient_id=str(get("PatientID", "") or ""),
+        frame_of_reference_uid=frame_of_reference_uid,
         instance_number=instance_number,
-        references=tuple(sorted(set(_references(ds)))),
+        references=references,
     )
 
 

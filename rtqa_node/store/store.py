@@ -36,11 +36,20 @@ from pydicom.uid import ImplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 from rtqa_node.errors import RtqaError
 from rtqa_node.log import uid_ref
 from rtqa_node.store import files
-from rtqa_node.store.describe import DescriptionError, ObjectDescription, describe, expected_modalities
-from rtqa_node.store.encoding import EncodingError, check_dataset_encoding, read_part10_header
+from rtqa_node.store.describe import (
+    IMAGE_TAGS,
+    DescriptionError,
+    ObjectDescription,
+    describe,
+    describe_image,
+    expected_modalities,
+)
+from rtqa_node.store.encoding import EncodingError, Walk, read_part10_header, walk_dataset
 from rtqa_node.store.index import Index
 
 log = logging.getLogger(__name__)
+
+_CAPTURE = frozenset(IMAGE_TAGS.values())
 
 
 class Refusal(enum.Enum):
@@ -180,8 +189,9 @@ class Store:
                 f"object of {size_bytes} bytes exceeds the configured limit of {self.max_object_bytes} bytes",
             )
         self._check_free_space(size_bytes)
-        offset, transfer_syntax, content_sha256 = self._check_encoding(temp_path)
-        description = self._describe(temp_path, arrival)
+        offset, transfer_syntax, walk = self._check_encoding(temp_path)
+        description = self._describe(temp_path, arrival, walk.values)
+        content_sha256 = walk.content_sha256
         try:
             files.fsync_file(temp_path)
         except OSError as exc:
@@ -197,23 +207,24 @@ class Store:
                 f"storage nearly full: {available} bytes free, {self.min_free_bytes} must stay free",
             )
 
-    def _check_encoding(self, temp_path: Path) -> tuple[int, str, str]:
+    def _check_encoding(self, temp_path: Path) -> tuple[int, str, Walk]:
         with open(temp_path, "rb") as fh:
             if os.fstat(fh.fileno()).st_size == 0:
                 raise StoreRefused(Refusal.UNPARSEABLE, "empty data set")
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 try:
                     header = read_part10_header(buf)
-                    content_sha256 = check_dataset_encoding(buf, header.dataset_offset, header.transfer_syntax_uid)
+                    walk = walk_dataset(buf, header.dataset_offset, header.transfer_syntax_uid, capture=_CAPTURE)
                 except EncodingError as exc:
                     message = str(exc) if str(exc).startswith("truncated") else f"malformed data set: {exc}"
                     raise StoreRefused(Refusal.UNPARSEABLE, message) from exc
-        return header.dataset_offset, header.transfer_syntax_uid, content_sha256
+        return header.dataset_offset, header.transfer_syntax_uid, walk
 
-    def _describe(self, temp_path: Path, arrival: Arrival) -> ObjectDescription:
+    def _describe(self, temp_path: Path, arrival: Arrival, values: dict[int, bytes]) -> ObjectDescription:
         try:
-            ds = pydicom.dcmread(temp_path, stop_before_pixels=True)
-            description = describe(ds)
+            description = describe_image(values)
+            if description is None:
+                description = describe(pydicom.dcmread(temp_path, stop_before_pixels=True))
         except DescriptionError as exc:
             reason = Refusal.INVALID_UID if exc.kind == "invalid" else Refusal.MISSING_ATTRIBUTE
             raise StoreRefused(reason, str(exc)) from exc
@@ -382,8 +393,9 @@ class Store:
     def _index_orphan(self, path: Path, rel: str) -> bool:
         """A published file whose COMMIT did not happen: it passed every check before its rename."""
         try:
-            offset, transfer_syntax, content_sha256 = self._check_encoding(path)
-            description = self._describe(path, Arrival())
+            offset, transfer_syntax, walk = self._check_encoding(path)
+            description = self._describe(path, Arrival(), walk.values)
+            content_sha256 = walk.content_sha256
         except StoreRefused:
             path.unlink()
             return False
