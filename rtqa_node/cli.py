@@ -127,6 +127,40 @@ def _run_demo(args: argparse.Namespace) -> int:
 COMMANDS: list[Callable] = [_add_serve, _add_worker, _add_status, _add_demo]
 
 
+# -- synth -------------------------------------------------------------------------------------------------
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write a synthetic head-and-neck cohort: CT, RTSTRUCT, RTPLAN, RTDOSE + truth")
+    p.add_argument("--patients", type=int, required=True, help="number of patients")
+    p.add_argument("--sites", type=int, default=1, help="institutions, with systematic differences (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (new, empty, or an earlier synth output)")
+    p.add_argument("--slices", type=int, default=80, help="CT slices of 3 mm per patient (30-400, default 80)")
+    p.add_argument("--deviation-rate", type=float, default=0.3,
+                   help="mean chance of a planted protocol deviation per plan (default 0.3)")
+    p.add_argument("--report", action="store_true", help="also write report.md (cohort summary, planted signal)")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(run=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from rtqa_node.synth.cohort import CohortConfig, generate_cohort, summarise
+
+    config = CohortConfig(patients=args.patients, sites=args.sites, seed=args.seed, slices=args.slices,
+                          deviation_rate=args.deviation_rate)
+    manifest = generate_cohort(args.out, config, report=args.report)
+    summary = summarise(manifest, args.out)
+    if args.json:
+        print_json(summary)
+    else:
+        sys.stdout.write(summary["text"])
+    return 0
+
+
+COMMANDS.append(_add_synth)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtqa", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rtqa-node {__version__}")
