@@ -127,6 +127,34 @@ def _run_demo(args: argparse.Namespace) -> int:
 COMMANDS: list[Callable] = [_add_serve, _add_worker, _add_status, _add_demo]
 
 
+# -- dvh ---------------------------------------------------------------------------------------------------
+
+
+def _add_dvh(sub) -> None:
+    p = sub.add_parser("dvh", help="DVHs and dose metrics of every structure, per dose object")
+    p.add_argument("path", type=Path, help="folder of DICOM files (searched recursively) or one file")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    fmt.add_argument("--csv", action="store_true", help="metrics as CSV on stdout")
+    p.add_argument("--png", type=Path, help="also write a DVH plot to this PNG file")
+    p.set_defaults(run=_run_dvh)
+
+
+def _run_dvh(args: argparse.Namespace) -> int:
+    from rtqa_node.rt.dvh_report import run_dvh
+
+    text, document = run_dvh(args.path, output="json" if args.json else "csv" if args.csv else "table",
+                             png=args.png)
+    if document is not None:
+        print_json(document)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+COMMANDS.append(_add_dvh)
+
+
 # -- synth -------------------------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ Units: Gy (Gy(RBE) for EFFECTIVE doses; ``unit`` says which), cc, percent of the
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -304,14 +305,17 @@ def structure_dvh(structure: Structure, dose: DoseGrid, settings: RasterSettings
     if samples.outside_mm3 > 1e-6 * max(volume_cc * 1000, 1e-9):
         log.warning("structure_outside_dose_grid", extra={"roi_number": structure.roi_number,
                                                           "outside_cc": round(samples.outside_mm3 / 1000, 4)})
-    dx = {x: dvh.dose_at_volume_pct(x) for x in (99, 98, 95, 50, 5, 2, 1)}
+    def clamp(value: float) -> float:  # the dose ramps reach half a sample's spread past the extremes
+        return float(min(max(value, dmin), dmax)) if math.isfinite(dmin) else value
+
+    dx = {x: clamp(dvh.dose_at_volume_pct(x)) for x in (99, 98, 95, 50, 5, 2, 1)}
     hi_index = (dx[2] - dx[98]) / dx[50] if dx[50] and dx[50] > 0 else float("nan")
     metrics = DvhMetrics(
         structure=structure.name, roi_number=structure.roi_number, unit=dose.unit_label,
         volume_cc=volume_cc, volume_outside_dose_cc=samples.outside_mm3 / 1000.0,
         min_gy=dmin, mean_gy=dmean, max_gy=dmax,
         d99_gy=dx[99], d98_gy=dx[98], d95_gy=dx[95], d50_gy=dx[50], d5_gy=dx[5], d2_gy=dx[2], d1_gy=dx[1],
-        d0_03cc_gy=dvh.dose_at_volume_cc(0.03) if dvh.total_cc >= 0.03 else dmax,
+        d0_03cc_gy=clamp(dvh.dose_at_volume_cc(0.03)) if dvh.total_cc >= 0.03 else dmax,
         homogeneity_index=hi_index,
     )
     return StructureDvh(metrics, dvh)
