@@ -109,7 +109,7 @@ def make_phantom(rng: np.random.Generator, site: SiteProfile) -> Phantom:
     skin = body.grow(-SKIN_CROP_MM)
     ctv70 = gtv.grow(GTV_TO_CTV_MM) & skin
     ptv70 = ctv70.grow(site.ptv_margin_mm) & skin
-    z_node_top = float(24 * g + rng.normal(0, 2))
+    z_node_top = float(20 * g + rng.normal(0, 2))
     nodes = EllipticCylinder(p(34, 6, 0)[:2], s(11, 14, 1, 0.08)[:2], -70 * g, z_node_top) | EllipticCylinder(
         p(-34, 6, 0)[:2], s(11, 14, 1, 0.08)[:2], -70 * g, z_node_top
     )
