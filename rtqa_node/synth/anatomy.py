@@ -104,7 +104,7 @@ def make_phantom(rng: np.random.Generator, site: SiteProfile) -> Phantom:
     tumour_sign = 1.0 if rng.random() < 0.5 else -1.0
     r_gtv = float(rng.uniform(8.0, 16.0))
     gtv = Ellipsoid(
-        p(tumour_sign * 10, -3, 8, 2.0), (r_gtv, r_gtv * float(rng.uniform(0.8, 1.0)), r_gtv * float(rng.uniform(1.0, 1.4)))
+        p(tumour_sign * 10, -3, 4, 2.0), (r_gtv, r_gtv * float(rng.uniform(0.8, 1.0)), r_gtv * float(rng.uniform(1.0, 1.2)))
     )
     skin = body.grow(-SKIN_CROP_MM)
     ctv70 = gtv.grow(GTV_TO_CTV_MM) & skin

@@ -167,8 +167,8 @@ def _intent(rng: np.random.Generator, planted: list[dict], site: SiteProfile, tu
         cord_max_gy=cord,
         brainstem_max_gy=float(rng.uniform(36.0, 50.0)),
         constrictor_sparing=float(rng.uniform(0.0, 0.3)),
-        low_dose_fraction=float(np.clip((0.35 if site.beam_count == 7 else 0.30) + rng.normal(0, 0.03), 0.2, 0.45)),
-        low_dose_length_mm=float(rng.uniform(20.0, 35.0)),
+        low_dose_fraction=float(np.clip((0.45 if site.beam_count == 7 else 0.40) + rng.normal(0, 0.03), 0.3, 0.55)),
+        low_dose_length_mm=float(rng.uniform(30.0, 45.0)),
     ), fractions
 
 
