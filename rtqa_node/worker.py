@@ -297,6 +297,8 @@ class _Heartbeat:
 
 def run_worker(settings: Settings, *, parent_pid: int | None = None) -> int:
     """``rtqa worker``: run until SIGTERM/SIGINT (the current job is finished first)."""
+    # highdicom logs the SOP Instance UIDs of the evidence it copies at INFO; UIDs go to logs only hashed
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
     worker = Worker(settings, parent_pid=parent_pid)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: worker.stop.set())
