@@ -1,0 +1,25 @@
+"""The README's first command ends in `rtqa demo`: it must run end to end on a machine without public data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pydicom
+
+from conftest import REPO, rtqa_command
+
+
+def test_demo_sends_a_synthetic_plan_study_and_shows_the_returned_sr(tmp_path):
+    env = {**os.environ, "RTQA_TEST_DATA": str(tmp_path / "no-public-data-here")}
+    result = subprocess.run([*rtqa_command(), "demo", "--data-dir", str(tmp_path / "demo")], capture_output=True,
+                            text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "83 of 83 objects acknowledged" in result.stdout
+    assert "result received by the TPS" in result.stdout
+    assert "Comprehensive SR Document" in result.stdout  # dsrdump read the SR
+    received = list((tmp_path / "demo" / "tps").iterdir())
+    assert len(received) == 1
+    sr = pydicom.dcmread(received[0])
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.PatientName == "SYNTH^HN001"
