@@ -33,7 +33,7 @@ import queue as queue_module
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -349,7 +349,7 @@ class Assembler:
         self.job_max_attempts = job_max_attempts
         self._inbox: queue_module.Queue = queue_module.Queue()
         self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
-        self._scheduler = BackgroundScheduler(timezone=timezone.utc)
+        self._scheduler = BackgroundScheduler(timezone=UTC)
         self._stopping = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -417,7 +417,7 @@ class Assembler:
         if decision.ready_due_at_s is not None:
             self._scheduler.add_job(
                 self._timer_fired, "date", args=[key], id=job_id, replace_existing=True,
-                run_date=datetime.fromtimestamp(decision.ready_due_at_s + 0.01, tz=timezone.utc),
+                run_date=datetime.fromtimestamp(decision.ready_due_at_s + 0.01, tz=UTC),
                 misfire_grace_time=None,
             )
         elif self._scheduler.get_job(job_id) is not None:

@@ -25,8 +25,8 @@ import enum
 import json
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from rtqa_node.errors import RtqaError
 
@@ -84,7 +84,7 @@ class Job:
     supersedes: int | None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "Job":
+    def from_row(cls, row: sqlite3.Row) -> Job:
         return cls(
             id=row["id"], plan_study_id=row["plan_study_id"], revision=row["revision"],
             kind=JobKind(row["kind"]), state=JobState(row["state"]), priority=row["priority"],

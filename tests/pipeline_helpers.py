@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import generate_uid
-
 from conftest import free_port, peer_env, wait_until
+from pydicom.uid import generate_uid
 
 DATA_SETS_COMPLETE_OR_FALLBACK = ("eclipse-breast-boost-fullct-weasis", "raystation-proton-ramp-aptg",
                                   "raystation-proton-beamdose-aptg")

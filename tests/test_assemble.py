@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from conftest import dicom_files, wait_until
 from pipeline_helpers import new_plan_revision
+
 from rtqa_node.assemble import Assembler, all_keys, evaluate
 from rtqa_node.store import Store
 

@@ -10,9 +10,9 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import REPO, rtqa_command, start_node, storescu, wait_until
 from pipeline_helpers import index_rows, new_plan_revision, start_receiver, write_config
+
 from rtqa_node.worker import result_uid
 
 ROUNDS = 20

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from rtqa_node.queue import (
-    TRANSITIONS, IllegalTransition, JobKind, JobState, LeaseLost, Queue, _check, backoff_s, enqueue,
+    TRANSITIONS,
+    IllegalTransition,
+    JobKind,
+    JobState,
+    LeaseLost,
+    Queue,
+    _check,
+    backoff_s,
+    enqueue,
 )
 from rtqa_node.store.index import Index
 
