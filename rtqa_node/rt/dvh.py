@@ -172,6 +172,8 @@ class _Samples:
 
 
 def _sample_axial(vox: Voxelisation, dose: DoseGrid) -> _Samples:
+    """Vectorised over all slabs: each needed dose frame is projected onto the lattice once (Wy @ frame @ Wx^T,
+    with its in-plane gradient); slabs interpolate linearly between their two frames at the covered pixels."""
     g = dose.geometry
     lat = vox.lattice
     nf, nr, nc = g.shape
@@ -179,42 +181,42 @@ def _sample_axial(vox: Voxelisation, dose: DoseGrid) -> _Samples:
     wy, in_y = _axis_weights(lat.ys_mm, g.origin_mm[1], g.spacing_mm[1], nr)
     cols = np.nonzero(wx.any(axis=0))[0]
     rows = np.nonzero(wy.any(axis=0))[0]
-    in_plane = in_y[:, None] & in_x[None, :]
     pix = lat.delta_mm ** 2
-    d_out, w_out, s_out, solid_out = [], [], [], []
-    outside = 0.0
-    if len(cols) == 0 or len(rows) == 0:
-        return _Samples(*(np.zeros(0),) * 4, outside_mm3=float(vox.coverage.sum() * pix * vox.thickness_mm.mean()))
+    slab_mm3 = pix * vox.thickness_mm
+    empty = np.zeros(0)
+    frames = [_frame_weights(float(z), g) for z in vox.z_mm]
+    valid = np.array([f is not None for f in frames]) & (len(cols) > 0) & (len(rows) > 0)
+    ks, ys, xs = np.nonzero(vox.coverage > 0)
+    cov = vox.coverage[ks, ys, xs].astype(np.float64)
+    weight = cov * slab_mm3[ks]
+    keep = valid[ks] & in_y[ys] & in_x[xs]
+    outside = float(weight[~keep].sum())
+    if not keep.any():
+        return _Samples(empty, empty, empty, np.zeros(0, bool), outside)
+    ks, ys, xs, cov, weight = ks[keep], ys[keep], xs[keep], cov[keep], weight[keep]
+    k0 = np.array([f[0] if f else 0 for f in frames]); k1 = np.array([f[1] if f else 0 for f in frames])
+    t = np.array([f[2] if f else 0.0 for f in frames]); dz = np.array([f[3] if f else 1.0 for f in frames])
+    used = np.unique(np.concatenate([k0[valid], k1[valid]]))
+    slot = np.zeros(nf, dtype=np.int64)
+    slot[used] = np.arange(len(used))
     c0, c1, r0, r1 = cols[0], cols[-1] + 1, rows[0], rows[-1] + 1
-    wx_s, wy_s = wx[:, c0:c1], wy[:, r0:r1]
-    vol = dose.dose
-    for k in range(len(vox.z_mm)):
-        cov = vox.coverage[k]
-        covered = cov > 0
-        if not covered.any():
-            continue
-        slab_mm3 = pix * vox.thickness_mm[k]
-        fw = _frame_weights(float(vox.z_mm[k]), g)
-        if fw is None:
-            outside += float(cov.sum(dtype=np.float64)) * slab_mm3
-            continue
-        k0, k1, t, dz = fw
-        p0 = vol[k0, r0:r1, c0:c1].astype(np.float64)
-        p1 = vol[k1, r0:r1, c0:c1].astype(np.float64)
-        plane = wy_s @ ((1.0 - t) * p0 + t * p1) @ wx_s.T
-        grad_z = wy_s @ (p1 - p0) @ wx_s.T / dz if k0 != k1 else np.zeros_like(plane)
-        gy, gx = np.gradient(plane, lat.delta_mm) if min(plane.shape) > 1 else (0.0 * plane, 0.0 * plane)
-        width = np.sqrt((gx * lat.delta_mm) ** 2 + (gy * lat.delta_mm) ** 2 + (grad_z * vox.thickness_mm[k]) ** 2)
-        use = covered & in_plane
-        outside += float(cov[covered & ~in_plane].sum(dtype=np.float64)) * slab_mm3
-        d_out.append(plane[use])
-        w_out.append(cov[use].astype(np.float64) * slab_mm3)
-        s_out.append(width[use])
-        solid_out.append(cov[use] >= 0.5)
-    if not d_out:
-        return _Samples(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, bool), outside)
-    return _Samples(np.concatenate(d_out), np.concatenate(w_out), np.concatenate(s_out),
-                    np.concatenate(solid_out), outside)
+    wx_s, wy_s = wx[:, c0:c1].astype(np.float32), wy[:, r0:r1].astype(np.float32)
+    sub = dose.dose[used, r0:r1, c0:c1].astype(np.float32)  # (F, r, c)
+    proj = np.einsum("yr,frc->fyc", wy_s, sub, optimize=True) @ wx_s.T  # (F, ny, nx)
+    if lat.ny > 1 and lat.nx > 1:
+        gy, gx = np.gradient(proj, lat.delta_mm, axis=(1, 2))
+    else:
+        gy = gx = np.zeros_like(proj)
+    s0, s1, tt = slot[k0[ks]], slot[k1[ks]], t[ks]
+
+    def at(stack):
+        return (1.0 - tt) * stack[s0, ys, xs] + tt * stack[s1, ys, xs]
+
+    d = at(proj)
+    same = k0[ks] == k1[ks]
+    gz = np.where(same, 0.0, (proj[s1, ys, xs] - proj[s0, ys, xs]) / dz[ks])
+    width = np.sqrt((at(gx) * lat.delta_mm) ** 2 + (at(gy) * lat.delta_mm) ** 2 + (gz * vox.thickness_mm[ks]) ** 2)
+    return _Samples(d.astype(np.float64), weight, width.astype(np.float64), cov >= 0.5, outside)
 
 
 def _sample_general(vox: Voxelisation, dose: DoseGrid) -> _Samples:
