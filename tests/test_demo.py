@@ -21,5 +21,6 @@ def test_demo_sends_a_synthetic_plan_study_and_shows_the_returned_sr(tmp_path):
     received = list((tmp_path / "demo" / "tps").iterdir())
     assert len(received) == 1
     sr = pydicom.dcmread(received[0])
-    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    # Comprehensive SR now (the placeholder review); Comprehensive 3D SR once the report issue lands
+    assert sr.SOPClassUID in ("1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34")
     assert sr.PatientName == "SYNTH^HN001"
