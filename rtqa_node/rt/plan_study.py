@@ -384,8 +384,35 @@ def _i(value, default=None) -> int | None:
         return default
 
 
+_CONTOUR_DATA = 0x30060050
+_DVH_DATA = 0x30040058
+
+
+def _ds_array(item: Dataset, tag: int, keyword: str) -> np.ndarray:
+    """A multi-valued DS element as float64. The raw bytes are split and converted by numpy: pydicom's per-value
+    DS validation took 0.6-1 s for the 264 k ContourData values of a clinical BODY, more than its DVH.
+
+    Raises:
+        InputError: a value that is not a decimal string.
+    """
+    elem = item.get_item(tag)
+    raw = elem.value if elem is not None else None
+    if isinstance(raw, bytes):
+        text = raw.strip(b" \x00")
+        try:
+            return np.array(text.split(b"\\"), dtype=np.float64) if text else np.zeros(0)
+        except ValueError as exc:
+            raise InputError(f"{keyword} holds a value that is not a decimal string: {exc}") from exc
+    return np.asarray(getattr(item, keyword), dtype=np.float64).ravel()
+
+
+def _contour_points(item: Dataset) -> np.ndarray:
+    """ContourData (N, 3) in mm."""
+    return _ds_points(_ds_array(item, _CONTOUR_DATA, "ContourData"))
+
+
 def _ds_points(contour_data) -> np.ndarray:
-    pts = np.asarray([float(v) for v in contour_data], dtype=np.float64)
+    pts = np.asarray(contour_data, dtype=np.float64).ravel()
     if len(pts) % 3:
         raise InputError(f"ContourData has {len(pts)} values, not a multiple of 3")
     return pts.reshape(-1, 3)
@@ -417,7 +444,7 @@ def read_structure_set(ds: Dataset, path: Path) -> StructureSet:
         for c in rc.get("ContourSequence", []):
             if "ContourData" not in c:
                 continue
-            items.append(Contour(_ds_points(c.ContourData), str(c.get("ContourGeometricType", "CLOSED_PLANAR"))))
+            items.append(Contour(_contour_points(c), str(c.get("ContourGeometricType", "CLOSED_PLANAR"))))
         contours_by_roi[number] = (color_rgb, items)
     structures = []
     for number in sorted(set(rois) | set(contours_by_roi)):
@@ -501,7 +528,7 @@ def _read_vendor_dvhs(ds: Dataset) -> tuple[VendorDvh, ...]:
         refs = item.get("DVHReferencedROISequence", [])
         if not len(refs) or "DVHData" not in item:
             continue
-        data = np.asarray([float(v) for v in item.DVHData], dtype=np.float64).reshape(-1, 2)
+        data = _ds_array(item, _DVH_DATA, "DVHData").reshape(-1, 2)
         scaling = _f(item.get("DVHDoseScaling"), 1.0)
         out.append(VendorDvh(int(refs[0].ReferencedROINumber), str(item.get("DVHType", "")),
                              str(item.get("DoseUnits", "")), str(item.get("DVHVolumeUnits", "")),
