@@ -377,12 +377,18 @@ class Assembler:
 
     # -- the assembly thread ---------------------------------------------------------------------------
 
+    #: After the first notification, gather more for this long before evaluating: a CT series arrives a few
+    #: milliseconds per slice, and evaluating (and re-arming the stable-age timer) once per slice took a
+    #: fifth of the node's CPU during ingest (benchmarks/ingest.py, py-spy --gil).
+    GATHER_S = 0.05
+
     def _run(self) -> None:
         while True:
             batch = [self._inbox.get()]
-            while True:  # drain: 98 CT slices arriving together need one evaluation, not 98
+            deadline = time.monotonic() + self.GATHER_S
+            while batch[-1][0] != "stop":  # 98 CT slices arriving together need one evaluation, not 98
                 try:
-                    batch.append(self._inbox.get_nowait())
+                    batch.append(self._inbox.get(timeout=max(deadline - time.monotonic(), 0.0)))
                 except queue_module.Empty:
                     break
             if any(kind == "stop" for kind, _ in batch):
