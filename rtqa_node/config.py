@@ -83,10 +83,12 @@ class Settings(_Strict):
     #: Refuse new objects (0xA700) when the store's file system has less free space than this.
     min_free_bytes: int = Field(default=256 * 1024**2, ge=0)
     max_pdu_bytes: int = Field(default=131072, ge=4096)
-    #: pynetdicom polls its sockets and queues; each DIMSE message waits up to this long for a thread to wake.
-    #: pynetdicom's own value is 1 ms; 0.2 ms raises throughput with small objects at the cost of idle CPU
-    #: while an association is open (docs/architecture.md, "Receive").
-    network_poll_s: float = Field(default=0.0002, gt=0, le=0.05)
+    #: pynetdicom's reactor threads poll. With ``network_wakeups`` (default) they wait for their socket or
+    #: queue instead and wake at once; this is then only the longest wait without an event (timers, kill
+    #: flags). Without wake-ups it is the polling interval itself (pynetdicom's own value is 1 ms); see
+    #: docs/architecture.md, "Receive", and benchmarks/ingest.py for both.
+    network_poll_s: float = Field(default=0.005, gt=0, le=0.05)
+    network_wakeups: bool = True
     max_associations: int = Field(default=16, ge=1)
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
