@@ -317,6 +317,8 @@ class Store:
     @staticmethod
     def _log_ingest(outcome: Outcome, d: ObjectDescription, a: Arrival, version: int, size: int) -> None:
         level = logging.WARNING if outcome is Outcome.NEW_VERSION else logging.INFO
+        if not log.isEnabledFor(level):
+            return
         log.log(
             level,
             f"instance_{outcome.value}",
