@@ -1,0 +1,241 @@
+"""Training: loss, patient-level splits, seeds, early stopping, temperature scaling, checkpoints with their
+configuration, and the model card.
+
+Loss per patient: cross-entropy of the verdict logits against the reviewers' soft label (the fraction of
+reviewers who gave each verdict, so disagreement becomes uncertainty rather than noise), plus binary
+cross-entropy of each endpoint's logit against the observed event (never the oracle probability: a clinic has
+only events). Calibration: one temperature per task fitted on the validation patients (Guo et al., "On
+Calibration of Modern Neural Networks", ICML 2017).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rtqa_node.ml.dataset import Cohort
+from rtqa_node.ml.fusion import FusedMil
+from rtqa_node.ml.mil import BINARY_TARGETS, TASKS, VERDICT_CLASSES, TabularConfig, TabularMil
+from rtqa_node.ml.spatial import SpatialConfig, SpatialMil
+
+log = logging.getLogger(__name__)
+
+MODEL_KINDS = ("tabular", "tabular_mean", "spatial", "fused")
+WEIGHTS_NAME = "model.pt"
+CONFIG_NAME = "config.json"
+MODEL_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "fused"  # MODEL_KINDS
+    epochs: int = 40
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 8  # epochs without a better validation loss before stopping
+    seed: int = 0
+    val_fraction: float = 0.2
+    verdict_weight: float = 1.0
+    threads: int = 1
+    tabular: TabularConfig = field(default_factory=TabularConfig)
+    spatial: SpatialConfig = field(default_factory=SpatialConfig)
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"model must be one of {MODEL_KINDS}, got {self.model!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["tabular"] = TabularConfig(**d.get("tabular", {}))
+        d["spatial"] = SpatialConfig(**d.get("spatial", {}))
+        return cls(**d)
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    if config.model == "tabular":
+        return TabularMil(config.tabular)
+    if config.model == "tabular_mean":
+        return TabularMil(TabularConfig(**{**config.tabular.to_dict(), "pooling": "mean"}))
+    if config.model == "spatial":
+        return SpatialMil(config.spatial)
+    return FusedMil(config.tabular, config.spatial)
+
+
+def batch_tensors(cohort: Cohort, index: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    t = lambda a, dtype=None: torch.as_tensor(np.ascontiguousarray(a[index]), dtype=dtype, device=device)  # noqa: E731
+    return {
+        "x": t(cohort.tab_x), "name_index": t(cohort.tab_name_index), "tab_mask": t(cohort.tab_mask),
+        "voxels": t(cohort.spa_voxels, torch.float32), "features": t(cohort.spa_features),
+        "region": t(cohort.spa_region), "spa_mask": t(cohort.spa_mask),
+    }
+
+
+def forward(model: nn.Module, kind: str, b: dict[str, torch.Tensor]):
+    """The model's output for a batch (MilOutput, SpatialOutput or FusedOutput; all have ``logits``)."""
+    if kind in ("tabular", "tabular_mean"):
+        return model(b["x"], b["name_index"], b["tab_mask"])
+    if kind == "spatial":
+        return model(b["voxels"], b["features"], b["region"], b["spa_mask"])
+    return model(b["x"], b["name_index"], b["tab_mask"], b["voxels"], b["features"], b["region"], b["spa_mask"])
+
+
+def loss_fn(logits: torch.Tensor, verdict_soft: torch.Tensor, events: torch.Tensor, verdict_weight: float) -> torch.Tensor:
+    """logits (B, 6), verdict_soft (B, 3), events (B, 3) with NaN for unknown -> scalar."""
+    nv = len(VERDICT_CLASSES)
+    ce = -(verdict_soft * F.log_softmax(logits[:, :nv], dim=-1)).sum(-1).mean()
+    known = ~torch.isnan(events)
+    bce = F.binary_cross_entropy_with_logits(logits[:, nv:][known], events[known]) if known.any() else logits.sum() * 0
+    return verdict_weight * ce + bce * len(BINARY_TARGETS)
+
+
+def split(n: int, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Patient-level split (a patient's bags never on both sides): (train, validation) indices."""
+    perm = np.random.default_rng([seed, 9]).permutation(n)
+    n_val = max(1, int(round(n * val_fraction)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def fit_temperatures(logits: torch.Tensor, verdict_soft: torch.Tensor, events: torch.Tensor) -> list[float]:
+    """One temperature per task (verdict, then each binary target) minimising validation NLL."""
+    nv = len(VERDICT_CLASSES)
+    out = []
+    for k in range(len(TASKS)):
+        log_t = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
+        if k == 0:
+            z, target = logits[:, :nv], verdict_soft
+            nll = lambda: -(target * F.log_softmax(z / log_t.exp(), -1)).sum(-1).mean()  # noqa: E731
+        else:
+            known = ~torch.isnan(events[:, k - 1])
+            z, target = logits[known, nv + k - 1], events[known, k - 1]
+            if len(target) == 0:
+                out.append(1.0)
+                continue
+            nll = lambda: F.binary_cross_entropy_with_logits(z / log_t.exp(), target)  # noqa: E731
+
+        def closure():
+            opt.zero_grad()
+            loss = nll()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        out.append(float(np.clip(log_t.exp().item(), 0.05, 20.0)))
+    return out
+
+
+@dataclass
+class TrainedModel:
+    """A trained network with its configuration, temperatures and training record."""
+
+    name: str
+    config: TrainConfig
+    module: nn.Module
+    temperatures: list[float]
+    record: dict
+
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        torch.save({"name": self.name, "config": self.config.to_dict(), "temperatures": self.temperatures,
+                    "record": self.record, "state_dict": state, "model_version": MODEL_VERSION},
+                   folder / WEIGHTS_NAME)
+        (folder / CONFIG_NAME).write_text(json.dumps({"name": self.name, "config": self.config.to_dict(),
+                                                       "temperatures": self.temperatures, "record": self.record,
+                                                       "model_version": MODEL_VERSION}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path, device: torch.device | None = None) -> "TrainedModel":
+        blob = torch.load(Path(folder) / WEIGHTS_NAME, map_location=device or "cpu", weights_only=True)
+        config = TrainConfig.from_dict(blob["config"])
+        module = build_model(config)
+        module.load_state_dict(blob["state_dict"])
+        module.eval()
+        return cls(blob["name"], config, module.to(device or "cpu"), list(blob["temperatures"]), blob["record"])
+
+
+def _progress(text: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r{text}   ")
+        sys.stderr.flush()
+
+
+def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
+          device: torch.device | None = None) -> TrainedModel:
+    """Train on a patient-level split of ``cohort``; early stopping on validation loss; temperatures on the
+    validation patients. Deterministic for a seed on one thread (CPU)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        train_idx, val_idx = split(len(cohort), val_fraction=config.val_fraction, seed=config.seed)
+        model = build_model(config).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        soft = torch.as_tensor(cohort.verdict_soft, device=device)
+        events = torch.as_tensor(cohort.events, device=device)
+        rng = np.random.default_rng([config.seed, 11])
+        best, best_state, best_epoch, history = float("inf"), None, -1, []
+        t0 = time.monotonic()
+        val_batches = [val_idx[i:i + 64] for i in range(0, len(val_idx), 64)]
+        for epoch in range(config.epochs):
+            model.train()
+            order = rng.permutation(train_idx)
+            total = 0.0
+            for i in range(0, len(order), config.batch_size):
+                idx = order[i:i + config.batch_size]
+                out = forward(model, config.model, batch_tensors(cohort, idx, device))
+                loss = loss_fn(out.logits, soft[idx], events[idx], config.verdict_weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            model.eval()
+            with torch.no_grad():
+                logits = torch.cat([forward(model, config.model, batch_tensors(cohort, b, device)).logits
+                                    for b in val_batches])
+                val_loss = float(loss_fn(logits, soft[val_idx], events[val_idx], config.verdict_weight))
+            history.append({"epoch": epoch, "train_loss": round(total / len(train_idx), 4),
+                            "val_loss": round(val_loss, 4)})
+            _progress(f"{name or config.model}: epoch {epoch + 1}/{config.epochs} train {total / len(train_idx):.3f} "
+                      f"val {val_loss:.3f}")
+            if val_loss < best - 1e-4:
+                best, best_epoch = val_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif epoch - best_epoch >= config.patience:
+                break
+        model.load_state_dict(best_state)
+        model.eval()
+        with torch.no_grad():
+            logits = torch.cat([forward(model, config.model, batch_tensors(cohort, b, device)).logits
+                                for b in val_batches]).cpu()
+        temperatures = fit_temperatures(logits, soft[val_idx].cpu(), events[val_idx].cpu())
+        elapsed = time.monotonic() - t0
+        record = {"train_patients": int(len(train_idx)), "val_patients": int(len(val_idx)),
+                  "best_epoch": best_epoch, "best_val_loss": round(best, 4), "epochs_run": len(history),
+                  "train_time_s": round(elapsed, 1), "device": str(device), "threads": config.threads,
+                  "history": history}
+        log.info("ml_trained", extra={"model": name or config.model, "best_epoch": best_epoch,
+                                      "val_loss": round(best, 4), "elapsed_s": round(elapsed, 1)})
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+        return TrainedModel(name or config.model, config, model.cpu(), temperatures, record)
+    finally:
+        torch.set_num_threads(previous_threads)
