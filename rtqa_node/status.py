@@ -29,6 +29,7 @@ def collect_status(settings: Settings) -> dict:
             "SELECT id AS job_id, kind, plan_study_id, revision, attempts, last_error, finished_at_s"
             " FROM jobs WHERE state = 'dead' ORDER BY id")]
         outbox = dict(index.query("SELECT COUNT(*) AS results, COUNT(sent_at_s) AS sent FROM outbox")[0])
+        tables = index.table_counts()
     finally:
         index.close()
     return {
@@ -46,6 +47,7 @@ def collect_status(settings: Settings) -> dict:
         "jobs_by_kind": jobs_by_kind,
         "dead_letters": dead_letters,
         "outbox": outbox,
+        "index_tables": tables,
     }
 
 

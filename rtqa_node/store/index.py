@@ -222,9 +222,15 @@ class Index:
             return self.conn.execute(sql, params).fetchall()
 
     def counts(self) -> dict[str, int]:
-        row = self.query(
-            "SELECT COUNT(*) AS instances, COUNT(DISTINCT sop_instance_uid) AS sop_instances, "
-            "COUNT(DISTINCT study_instance_uid) AS studies, COUNT(DISTINCT series_instance_uid) AS series, "
-            "COALESCE(SUM(size_bytes), 0) AS bytes FROM instances"
-        )[0]
-        return dict(row)
+        """Read-side summary through sqlite-utils (the hot write path uses guarded SQL transactions instead)."""
+        with self._lock:
+            return next(self.db.query(
+                "SELECT COUNT(*) AS instances, COUNT(DISTINCT sop_instance_uid) AS sop_instances, "
+                "COUNT(DISTINCT study_instance_uid) AS studies, COUNT(DISTINCT series_instance_uid) AS series, "
+                "COALESCE(SUM(size_bytes), 0) AS bytes FROM instances"
+            ))
+
+    def table_counts(self) -> dict[str, int]:
+        """Rows per table, for ``rtqa status`` and diagnostics."""
+        with self._lock:
+            return {name: self.db[name].count for name in self.db.table_names()}
