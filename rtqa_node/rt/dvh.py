@@ -169,54 +169,208 @@ class _Samples:
     width_gy: np.ndarray
     solid: np.ndarray  # coverage >= 0.5: counts for Dmin / Dmax
     outside_mm3: float
+    # dose range at the grid nodes inside interior blocks (whose samples sit at block centres): Dmin / Dmax
+    node_range_gy: tuple[float, float] | None = None
 
 
-def _sample_axial(vox: Voxelisation, dose: DoseGrid) -> _Samples:
-    """Vectorised over all slabs: each needed dose frame is projected onto the lattice once (Wy @ frame @ Wx^T,
-    with its in-plane gradient); slabs interpolate linearly between their two frames at the covered pixels."""
+def _slab_groups(vox: Voxelisation, target_mm: float) -> np.ndarray:
+    """Group index per slab: runs of contiguous slabs, each run at most ``target_mm`` thick (at least one slab)."""
+    z_lo = vox.z_mm - vox.thickness_mm / 2
+    z_hi = vox.z_mm + vox.thickness_mm / 2
+    group = np.zeros(len(vox.z_mm), dtype=np.int64)
+    g, acc = 0, 0.0
+    for k in range(len(vox.z_mm)):
+        contiguous = k > 0 and abs(z_lo[k] - z_hi[k - 1]) < 1e-6
+        if k > 0 and (not contiguous or acc + vox.thickness_mm[k] > target_mm + 1e-6):
+            g += 1
+            acc = 0.0
+        group[k] = g
+        acc += vox.thickness_mm[k]
+    return group
+
+
+def _z_cells(z_mm: np.ndarray, g: GridGeometry):
+    """Frame cell (k0, k1), fraction and frame spacing (mm) at each z of an axial grid, clamped at the ends."""
+    zc = g.z_positions_mm
+    nf = len(zc)
+    if nf == 1:
+        zero = np.zeros(len(z_mm), dtype=np.int64)
+        return zero, zero, np.zeros(len(z_mm)), np.full(len(z_mm), float(g.spacing_mm[2]))
+    u = np.interp(z_mm, zc, np.arange(nf, dtype=np.float64))
+    k0 = np.minimum(np.floor(u).astype(np.int64), nf - 2)
+    return k0, k0 + 1, u - k0, zc[k0 + 1] - zc[k0]
+
+
+def _interior_blocks(full_g: np.ndarray, max_block: int) -> list[tuple[int, np.ndarray]]:
+    """Split the full pixels of each slab group (G, ny, nx) into aligned square blocks of side max_block, ...,
+    2, 1 lattice pixels, each pixel in the largest block that is full; returns (side, (n, 3) indices g, by, bx)."""
+    n_g, ny, nx = full_g.shape
+    side = max_block
+    pad_y, pad_x = -ny % side, -nx % side
+    full = np.pad(full_g, ((0, 0), (0, pad_y), (0, pad_x)))
+    taken = np.zeros_like(full)
+    out = []
+    while side >= 1:
+        by, bx = full.shape[1] // side, full.shape[2] // side
+        blocks = full.reshape(n_g, by, side, bx, side).all(axis=(2, 4))
+        free = ~taken.reshape(n_g, by, side, bx, side).any(axis=(2, 4))
+        pick = blocks & free
+        idx = np.argwhere(pick)
+        if len(idx):
+            out.append((side, idx))
+            taken |= np.repeat(np.repeat(pick, side, axis=1), side, axis=2)
+        side //= 2
+    return out, taken[:, :ny, :nx]
+
+
+def _axis_cells(coords_mm: np.ndarray, origin_mm: float, spacing_mm: float, n: int):
+    """Interpolation cell (i0, i1) and fraction along one axis of a grid, clamped at the outer nodes."""
+    u = np.clip((coords_mm - origin_mm) / spacing_mm, 0, n - 1)
+    i0 = np.minimum(np.floor(u).astype(np.int64), max(n - 2, 0))
+    f = u - i0 if n > 1 else np.zeros_like(u)
+    return i0, np.minimum(i0 + 1, n - 1), f
+
+
+def _trilinear_gradient(dose: np.ndarray, z_cells, y_cells, x_cells):
+    """Trilinear dose and its gradient (Gy/mm, within the interpolation cell) at N points, from per-point cells:
+    ``z_cells`` = (k0, k1, fz, dz_mm), ``y_cells`` = (r0, r1, fy, dy_mm), ``x_cells`` = (c0, c1, fx, dx_mm)."""
+    _, nr, nc = dose.shape
+    flat = dose.reshape(-1)
+    k0, k1, fz, dz = z_cells
+    r0, r1, fy, dy = y_cells
+    c0, c1, fx, dx = x_cells
+    fx, fy, fz = (np.asarray(v, dtype=np.float32) for v in (fx, fy, fz))
+    a = []  # a[kk][rr]: value interpolated along x at (k, r); e[kk][rr]: its x-difference
+    e = []
+    for k in (k0, k1):
+        a_k, e_k = [], []
+        for r in (r0, r1):
+            base = (k * nr + r) * nc
+            v0, v1 = flat[base + c0], flat[base + c1]
+            a_k.append(v0 + fx * (v1 - v0))
+            e_k.append(v1 - v0)
+        a.append(a_k)
+        e.append(e_k)
+    b0 = a[0][0] + fy * (a[0][1] - a[0][0])
+    b1 = a[1][0] + fy * (a[1][1] - a[1][0])
+    value = b0 + fz * (b1 - b0)
+    gx = ((1 - fz) * ((1 - fy) * e[0][0] + fy * e[0][1]) + fz * ((1 - fy) * e[1][0] + fy * e[1][1])) / dx
+    gy = ((1 - fz) * (a[0][1] - a[0][0]) + fz * (a[1][1] - a[1][0])) / dy
+    gz = np.where(k0 == k1, 0.0, (b1 - b0) / dz)
+    return value.astype(np.float64), gx, gy, gz
+
+
+def _sample_axial(vox: Voxelisation, dose: DoseGrid, *, block_mm: float | None = None) -> _Samples:
+    """Adaptive sampling on an axial grid.
+
+    Slabs are grouped into runs about one dose frame spacing thick. Pixels inside the structure throughout a
+    run (coverage 1 in every slab, inside the grid) are gathered into aligned square blocks (up to ``block_mm``
+    across, default two dose voxels); each block is one sample at its centre with the dose interval that the
+    local gradient spans across the box. Only the remaining pixels (the boundary band) are sampled per slab on
+    the fine lattice. Dose and gradient are trilinear gathers from the 8 nodes of each sample's cell.
+    """
     g = dose.geometry
     lat = vox.lattice
     nf, nr, nc = g.shape
+    d_mm = lat.delta_mm
     wx, in_x = _axis_weights(lat.xs_mm, g.origin_mm[0], g.spacing_mm[0], nc)
     wy, in_y = _axis_weights(lat.ys_mm, g.origin_mm[1], g.spacing_mm[1], nr)
     cols = np.nonzero(wx.any(axis=0))[0]
     rows = np.nonzero(wy.any(axis=0))[0]
-    pix = lat.delta_mm ** 2
-    slab_mm3 = pix * vox.thickness_mm
+    pix = d_mm ** 2
     empty = np.zeros(0)
     frames = [_frame_weights(float(z), g) for z in vox.z_mm]
-    valid = np.array([f is not None for f in frames]) & (len(cols) > 0) & (len(rows) > 0)
-    ks, ys, xs = np.nonzero(vox.coverage > 0)
-    cov = vox.coverage[ks, ys, xs].astype(np.float64)
-    weight = cov * slab_mm3[ks]
+    valid = np.array([f is not None for f in frames], dtype=bool) & (len(cols) > 0) & (len(rows) > 0)
+    if block_mm is None:
+        block_mm = 2.0 * max(g.spacing_mm[0], g.spacing_mm[1])
+    max_block = 1 << max(0, int(math.floor(math.log2(max(block_mm / d_mm, 1.0)))))
+
+    # -- interior blocks
+    cov_all = vox.coverage
+    group = _slab_groups(vox, float(g.spacing_mm[2]))
+    n_groups = int(group[-1]) + 1 if len(group) else 0
+    starts = np.searchsorted(group, np.arange(n_groups))
+    full = (cov_all >= 1.0) & valid[:, None, None]
+    full &= in_y[None, :, None] & in_x[None, None, :]
+    full_g = np.logical_and.reduceat(full, starts, axis=0) if n_groups else np.zeros((0, lat.ny, lat.nx), bool)
+    blocks, taken = _interior_blocks(full_g, max_block) if n_groups else ([], full_g)
+    t_g = np.add.reduceat(vox.thickness_mm, starts) if n_groups else empty
+    zc_g = np.add.reduceat(vox.z_mm * vox.thickness_mm, starts) / t_g if n_groups else empty
+    b_dose, b_weight, b_width = [], [], []
+    for side, idx in blocks:
+        gi, by, bx = idx[:, 0], idx[:, 1], idx[:, 2]
+        h = side * d_mm
+        x = lat.x0_mm + (bx * side + (side - 1) / 2) * d_mm
+        y = lat.y0_mm + (by * side + (side - 1) / 2) * d_mm
+        z, hz = zc_g[gi], t_g[gi]
+        value, gx, gy, gz = _trilinear_gradient(
+            dose.dose, _z_cells(z, g), (*_axis_cells(y, g.origin_mm[1], g.spacing_mm[1], nr), g.spacing_mm[1]),
+            (*_axis_cells(x, g.origin_mm[0], g.spacing_mm[0], nc), g.spacing_mm[0]))
+        b_dose.append(value)
+        b_width.append(np.sqrt((gx * h) ** 2 + (gy * h) ** 2 + (gz * hz) ** 2))
+        b_weight.append(np.full(len(gi), h * h) * hz)
+    node_range = None
+    if blocks:
+        node_range = _node_range_in(taken, group, vox, dose, lat)
+
+    # -- boundary band: fine lattice, per slab
+    fine = (cov_all > 0) & ~taken[group]
+    ks, ys, xs = np.nonzero(fine)
+    cov = cov_all[ks, ys, xs].astype(np.float64)
+    weight = cov * (pix * vox.thickness_mm)[ks]
     keep = valid[ks] & in_y[ys] & in_x[xs]
     outside = float(weight[~keep].sum())
-    if not keep.any():
-        return _Samples(empty, empty, empty, np.zeros(0, bool), outside)
     ks, ys, xs, cov, weight = ks[keep], ys[keep], xs[keep], cov[keep], weight[keep]
-    k0 = np.array([f[0] if f else 0 for f in frames]); k1 = np.array([f[1] if f else 0 for f in frames])
-    t = np.array([f[2] if f else 0.0 for f in frames]); dz = np.array([f[3] if f else 1.0 for f in frames])
-    used = np.unique(np.concatenate([k0[valid], k1[valid]]))
-    slot = np.zeros(nf, dtype=np.int64)
-    slot[used] = np.arange(len(used))
-    c0, c1, r0, r1 = cols[0], cols[-1] + 1, rows[0], rows[-1] + 1
-    wx_s, wy_s = wx[:, c0:c1].astype(np.float32), wy[:, r0:r1].astype(np.float32)
-    sub = dose.dose[used, r0:r1, c0:c1].astype(np.float32)  # (F, r, c)
-    proj = np.einsum("yr,frc->fyc", wy_s, sub, optimize=True) @ wx_s.T  # (F, ny, nx)
-    if lat.ny > 1 and lat.nx > 1:
-        gy, gx = np.gradient(proj, lat.delta_mm, axis=(1, 2))
-    else:
-        gy = gx = np.zeros_like(proj)
-    s0, s1, tt = slot[k0[ks]], slot[k1[ks]], t[ks]
+    f_dose, f_width = empty, empty
+    if len(ks):
+        k0 = np.array([f[0] if f else 0 for f in frames]); k1 = np.array([f[1] if f else 0 for f in frames])
+        t = np.array([f[2] if f else 0.0 for f in frames]); dz = np.array([f[3] if f else 1.0 for f in frames])
+        c0, c1, fx = _axis_cells(lat.xs_mm, g.origin_mm[0], g.spacing_mm[0], nc)
+        r0, r1, fy = _axis_cells(lat.ys_mm, g.origin_mm[1], g.spacing_mm[1], nr)
+        f_dose, gxs, gys, gzs = _trilinear_gradient(
+            dose.dose, (k0[ks], k1[ks], t[ks], dz[ks]), (r0[ys], r1[ys], fy[ys], g.spacing_mm[1]),
+            (c0[xs], c1[xs], fx[xs], g.spacing_mm[0]))
+        f_width = np.sqrt((gxs * d_mm) ** 2 + (gys * d_mm) ** 2 + (gzs * vox.thickness_mm[ks]) ** 2)
+    if not len(ks) and not blocks:
+        return _Samples(empty, empty, empty, np.zeros(0, bool), outside)
+    n_blocks = sum(len(b) for b in b_dose)
+    return _Samples(
+        np.concatenate(b_dose + [f_dose]).astype(np.float64),
+        np.concatenate(b_weight + [weight]),
+        np.concatenate(b_width + [f_width]).astype(np.float64),
+        np.concatenate([np.ones(n_blocks, bool), cov >= 0.5]),
+        outside,
+        node_range,
+    )
 
-    def at(stack):
-        return (1.0 - tt) * stack[s0, ys, xs] + tt * stack[s1, ys, xs]
 
-    d = at(proj)
-    same = k0[ks] == k1[ks]
-    gz = np.where(same, 0.0, (proj[s1, ys, xs] - proj[s0, ys, xs]) / dz[ks])
-    width = np.sqrt((at(gx) * lat.delta_mm) ** 2 + (at(gy) * lat.delta_mm) ** 2 + (gz * vox.thickness_mm[ks]) ** 2)
-    return _Samples(d.astype(np.float64), weight, width.astype(np.float64), cov >= 0.5, outside)
+def _node_range_in(taken: np.ndarray, group: np.ndarray, vox: Voxelisation, dose: DoseGrid,
+                   lat) -> tuple[float, float] | None:
+    """(min, max) dose at the grid nodes that lie in interior blocks: a trilinear dose takes its extremes over
+    a box at nodes or on the box's faces, so block centres alone would miss an interior hot spot."""
+    g = dose.geometry
+    nf, nr, nc = g.shape
+    z_lo = vox.z_mm - vox.thickness_mm / 2
+    z_hi = vox.z_mm + vox.thickness_mm / 2
+    zc = g.z_positions_mm
+    slab = np.searchsorted(z_hi, zc, side="right")  # first slab whose top lies above the node
+    ok = (slab < len(vox.z_mm))
+    slab = np.minimum(slab, len(vox.z_mm) - 1)
+    ok &= z_lo[slab] <= zc
+    if not ok.any():
+        return None
+    i = np.rint((g.origin_mm[0] + g.spacing_mm[0] * np.arange(nc) - lat.x0_mm) / lat.delta_mm).astype(np.int64)
+    j = np.rint((g.origin_mm[1] + g.spacing_mm[1] * np.arange(nr) - lat.y0_mm) / lat.delta_mm).astype(np.int64)
+    ci = np.nonzero((i >= 0) & (i < lat.nx))[0]
+    rj = np.nonzero((j >= 0) & (j < lat.ny))[0]
+    if not len(ci) or not len(rj):
+        return None
+    frames = np.nonzero(ok)[0]
+    mask = taken[group[slab[frames]]][:, j[rj]][:, :, i[ci]]  # (F, R, C)
+    if not mask.any():
+        return None
+    values = dose.dose[frames][:, rj][:, :, ci][mask]
+    return float(values.min()), float(values.max())
 
 
 def _sample_general(vox: Voxelisation, dose: DoseGrid) -> _Samples:
@@ -300,6 +454,9 @@ def structure_dvh(structure: Structure, dose: DoseGrid, settings: RasterSettings
         b_dose, b_in = dose_at_points(dose, vox.boundary_points_mm)
         lo = [samples.dose_gy[solid].min()] + ([b_dose[b_in].min()] if b_in.any() else [])
         hi = [samples.dose_gy[solid].max()] + ([b_dose[b_in].max()] if b_in.any() else [])
+        if samples.node_range_gy is not None:
+            lo.append(samples.node_range_gy[0])
+            hi.append(samples.node_range_gy[1])
         dmin, dmax = float(min(lo)), float(max(hi))
         dmean = float(np.dot(samples.dose_gy, samples.weight_mm3) / samples.weight_mm3.sum())
     else:
