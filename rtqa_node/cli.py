@@ -189,6 +189,113 @@ def _run_synth(args: argparse.Namespace) -> int:
 COMMANDS.append(_add_synth)
 
 
+# -- train / evaluate ----------------------------------------------------------------------------------------
+
+
+def _add_cohort_args(p, *, default_seed: int, default_patients: int) -> None:
+    p.add_argument("--data", type=Path, help="folder of plan studies (one per subfolder, e.g. `rtqa synth` output)")
+    p.add_argument("--labels", type=Path, help="labels CSV for --data (folder, reviewer_1..R, consensus, endpoints); "
+                   "default: the folder's ground_truth.json / manifest.json")
+    p.add_argument("--patients", type=int, default=default_patients,
+                   help=f"without --data: simulate this many synthetic patients in memory (default {default_patients})")
+    p.add_argument("--seed", type=int, default=default_seed, help=f"synthetic cohort seed (default {default_seed})")
+    p.add_argument("--sites", type=int, default=3, help="synthetic cohort sites (default 3)")
+    p.add_argument("--cache", type=Path, default=Path(".rtqa-cache"), help="cache of simulated bags")
+
+
+def _cohort(args):
+    from rtqa_node.ml.dataset import cohort_from_folder, simulate_cohort
+
+    if args.data is not None:
+        if not args.data.is_dir():
+            raise InputError(f"--data {args.data} is not a folder")
+        try:
+            return cohort_from_folder(args.data, args.labels), {"source": str(args.data)}
+        except FileNotFoundError as exc:
+            raise InputError(str(exc)) from exc
+    if args.patients < 4:
+        raise InputError(f"--patients must be >= 4, got {args.patients}")
+    return (simulate_cohort(patients=args.patients, seed=args.seed, sites=args.sites, cache_dir=args.cache),
+            {"source": "synthetic", "patients": args.patients, "seed": args.seed, "sites": args.sites})
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the MIL models (tabular, mean-pooling, spatial, fused) on a cohort")
+    _add_cohort_args(p, default_seed=1, default_patients=300)
+    p.add_argument("--model", action="append", choices=("tabular", "tabular_mean", "spatial", "fused"),
+                   help="model(s) to train (repeatable; default all four)")
+    p.add_argument("--out", type=Path, default=Path("models"), help="folder for models/<name>/ (default models)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--train-seed", type=int, default=0, help="split and initialisation seed (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from rtqa_node.ml.train import TrainConfig, train, write_model_card
+
+    cohort, data = _cohort(args)
+    out = []
+    for kind in args.model or ["tabular", "tabular_mean", "spatial", "fused"]:
+        model = train(cohort, TrainConfig(model=kind, epochs=args.epochs, seed=args.train_seed,
+                                          threads=args.threads), name=kind)
+        model.record["data"] = data
+        model.save(args.out / kind)
+        write_model_card(model, args.out / kind)
+        out.append({"model": kind, "folder": str(args.out / kind), **{k: v for k, v in model.record.items()
+                                                                       if k != "history"}})
+    if args.json:
+        print_json(out)
+    else:
+        for r in out:
+            sys.stdout.write(f"{r['model']}: best epoch {r['best_epoch']}, val loss {r['best_val_loss']}, "
+                             f"{r['train_time_s']} s -> {r['folder']}\n")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate trained models and baselines on a held-out cohort")
+    _add_cohort_args(p, default_seed=2, default_patients=200)
+    p.add_argument("--models", type=Path, default=Path("models"), help="folder of trained models (default models)")
+    p.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder (report.md, PNGs)")
+    p.add_argument("--update-cards", action="store_true", help="write the metrics into each model's MODEL_CARD.md")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from rtqa_node.ml.dataset import simulate_cohort
+    from rtqa_node.ml.evaluate import evaluate, markdown
+    from rtqa_node.ml.train import WEIGHTS_NAME, TrainedModel
+
+    folders = sorted(p.parent for p in args.models.glob(f"*/{WEIGHTS_NAME}"))
+    if not folders:
+        raise InputError(f"no trained models (*/{WEIGHTS_NAME}) in {args.models}; run `rtqa train` first")
+    models = [TrainedModel.load(f) for f in folders]
+    data = models[0].record.get("data", {})
+    if data.get("source") != "synthetic":
+        raise InputError("the baselines are fitted on the models' training cohort, which must be synthetic here")
+    train_cohort = simulate_cohort(patients=data["patients"], seed=data["seed"], sites=data["sites"],
+                                   cache_dir=args.cache)
+    test, _ = _cohort(args)
+    result = evaluate(models, train_cohort, test, out_dir=args.out)
+    if args.update_cards:
+        from rtqa_node.ml.train import write_model_card
+
+        rows = {r["model"]: r for r in result.rows}
+        for model, folder in zip(models, folders):
+            write_model_card(model, folder, rows.get(model.name))
+    if args.json:
+        print_json(result.to_json())
+    else:
+        sys.stdout.write(markdown(result))
+    return 0
+
+
+COMMANDS += [_add_train, _add_evaluate]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtqa", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rtqa-node {__version__}")

@@ -239,3 +239,58 @@ def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
         return TrainedModel(name or config.model, config, model.cpu(), temperatures, record)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+_CARD_PURPOSE = {
+    "tabular": "gated-attention MIL on per-structure DVH instances (Ilse et al. 2018), one attention branch per task",
+    "tabular_mean": "baseline: the tabular MIL with mean pooling instead of attention",
+    "spatial": "hierarchical voxel -> patch -> region -> patient attention MIL on 3-D dose/CT patches",
+    "fused": "tabular and spatial MIL encoders fused per task (the default model of the worker)",
+}
+
+
+def write_model_card(model: TrainedModel, folder: Path, evaluation: dict | None = None) -> None:
+    """MODEL_CARD.md next to the weights: data, training, metrics (when an evaluation row is given), use, limits."""
+    r, c = model.record, model.config
+    data = r.get("data", {})
+    lines = [
+        f"# Model card: {model.name} (rtqa-node ml, version {MODEL_VERSION})", "",
+        f"What: {_CARD_PURPOSE.get(c.model, c.model)}. Outputs: QA verdict (per_protocol / minor / major, trained "
+        "on the reviewers' soft labels), severe xerostomia, severe dysphagia, local control; probabilities "
+        "temperature-scaled on the validation patients; attention over instances (and, for spatial models, a "
+        "per-voxel risk map).", "",
+        "## Data",
+        f"- Synthetic head-and-neck cohort from `rtqa_node.synth` (`simulate_patient`), seed {data.get('seed')}, "
+        f"{data.get('patients')} patients, {data.get('sites')} sites; patient-level split: "
+        f"{r.get('train_patients')} train / {r.get('val_patients')} validation (split seed {c.seed}).",
+        "- Labels: three simulated reviewers' verdicts per plan; outcomes drawn from the generator's dose-response "
+        "models (see docs/architecture.md, Synthetic cohort). No patient data.", "",
+        "## Training",
+        f"- {r.get('epochs_run')} epochs run, best epoch {r.get('best_epoch')} (validation loss {r.get('best_val_loss')}); "
+        f"AdamW lr {c.learning_rate}, weight decay {c.weight_decay}, batch {c.batch_size}, early stopping patience "
+        f"{c.patience}; {r.get('train_time_s')} s on {r.get('device')} ({r.get('threads')} thread(s)).",
+        f"- Temperatures (verdict, xerostomia, dysphagia, local control): {[round(t, 3) for t in model.temperatures]}.",
+        "- Hyperparameters: `config.json` (also inside `model.pt`).", "",
+    ]
+    if evaluation:
+        lines += ["## Metrics (held-out synthetic cohort, different seed)", ""]
+        for e, m in evaluation.get("endpoints", {}).items():
+            lines.append(f"- {e}: AUC {m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f}), "
+                         f"ECE {m['ece']:.3f}, n {m['n']}, events {m['events']}")
+        if "verdict" in evaluation:
+            lines.append(f"- QA verdict: Cohen's kappa vs consensus {evaluation['verdict']['kappa_consensus']:.3f}")
+        if evaluation.get("attention_in_subregion") == evaluation.get("attention_in_subregion"):
+            lines.append(f"- Xerostomia risk-map attention mass inside the planted sub-region: "
+                         f"{evaluation['attention_in_subregion']:.1%}")
+        lines.append("")
+    lines += [
+        "## Intended use",
+        "Research and software testing of the rtqa-node pipeline. Not for clinical decisions: it has never seen a "
+        "real patient.", "",
+        "## Known limits",
+        "- Trained only on a synthetic phantom cohort (one protocol, HN-SYNTH-SIB-70-56, photon IMRT); structure "
+        "names must be TG-263 as in that cohort, others fall into one 'unknown' embedding.",
+        "- Outcome labels come from the generator's own models; performance on real outcomes is unknown.",
+        "- Attention is a description of what the model weighted, not a causal explanation.", "",
+    ]
+    (Path(folder) / "MODEL_CARD.md").write_text("\n".join(lines))
