@@ -11,7 +11,7 @@ import ipaddress
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -54,12 +54,22 @@ class TlsSettings(_Strict):
         return self.cert_file is not None
 
 
+#: What a destination can receive (rtqa_node/report/outputs.py): the SR, the risk map as RT Dose (TPS, RT
+#: viewers), the risk map as a Parametric Map (radiology viewers), the one-page summary as Encapsulated PDF.
+OutputKind = Literal["sr", "riskmap_rtdose", "parametric_map", "pdf"]
+
+
 class Destination(_Strict):
-    """Where results for one calling AE title are sent back to (C-STORE SCU)."""
+    """Where results for one calling AE title are sent back to (C-STORE SCU), and which of them.
+
+    ``outputs``: a TPS typically takes ``["sr", "riskmap_rtdose"]`` (the default), a PACS
+    ``["sr", "parametric_map", "pdf"]``. Outputs that do not apply to a plan (no dose: no risk map) are skipped.
+    """
 
     host: str
     port: int = Field(ge=1, le=65535)
     ae_title: str
+    outputs: tuple[OutputKind, ...] = Field(default=("sr", "riskmap_rtdose"), min_length=1)
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
 

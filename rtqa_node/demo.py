@@ -4,8 +4,8 @@
 2. start DCMTK ``storescp`` as the TPS's receiving side, and ``rtqa serve`` with one worker whose results go
    back to that TPS;
 3. send the plan study with DCMTK ``storescu`` as the TPS would;
-4. wait for the node's Structured Report to arrive at the TPS, and show it with ``dsrdump`` beside
-   ``rtqa status``.
+4. wait for the node's Structured Report (and the risk map as RT Dose) to arrive at the TPS, and show the SR
+   with ``dsrdump`` beside ``rtqa status``.
 """
 
 from __future__ import annotations
@@ -56,6 +56,16 @@ def _require(tool: str) -> str:
 
 def _rtqa(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rtqa_node", *args], **kwargs)
+
+
+def _all_sent(node_dir: Path) -> bool:
+    """Every result object in the node's outbox has been sent (``rtqa status --json``)."""
+    status = _rtqa("status", "--data-dir", str(node_dir), "--json", capture_output=True, text=True)
+    try:
+        outbox = json.loads(status.stdout)["outbox"]
+    except (ValueError, KeyError):
+        return False
+    return bool(outbox["results"]) and outbox["sent"] == outbox["results"]
 
 
 def make_plan_study(out: Path) -> Path:
@@ -124,11 +134,14 @@ def run_demo(*, data_dir: Path, plan_study: Path | None, timeout_s: float = 180.
             raise RuntimeError(f"storescu failed:\n{sent.stderr[-2000:]}")
 
         _say(f"4. waiting for the review result to come back to {TPS_AE} ...")
-        result_file = _wait(lambda: next(iter(sorted(tps_dir.glob("*"))), None), timeout_s, "the result")
+        # storescp names files by modality: SR.<uid> is the report (RD.<uid> the risk map as RT Dose)
+        result_file = _wait(lambda: next(iter(sorted(tps_dir.glob("SR*"))), None), timeout_s, "the result")
+        _wait(lambda: _all_sent(node_dir), timeout_s, "the dispatch of every result")
         time.sleep(0.5)  # storescp renames the file into place once it is complete
         status = _rtqa("status", "--data-dir", str(node_dir), capture_output=True, text=True)
         _say("\n$ rtqa status\n" + status.stdout)
-        _say(f"5. result received by the TPS: {result_file.name}")
+        _say(f"5. result received by the TPS: {result_file.name}"
+             + "".join(f", {p.name}" for p in sorted(tps_dir.iterdir()) if p != result_file))
         dsrdump = shutil.which("dsrdump")
         if dsrdump:
             dump = subprocess.run([dsrdump, str(result_file)], capture_output=True, text=True)

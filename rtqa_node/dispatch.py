@@ -6,8 +6,9 @@ same worker processes. So it inherits leases, retries with exponential backoff (
 dead-lettering after ``dispatch_max_attempts`` with the last error, and survival across kill -9. Dispatch jobs
 have a higher priority than reviews: finished results go out before new reviews start.
 
-Where to: ``destinations[calling AE of the current plan]``, else ``default_destination``; none configured is a
-permanent error (dead letter, visible in ``rtqa status``). ``shadow_mode`` keeps results in the outbox and
+Where to: ``destinations[calling AE of the current plan]``, else ``default_destination``, and of the revision's
+outbox objects only the destination's ``outputs`` (SR, risk map RT Dose, Parametric Map, PDF; told apart by SOP
+class); none configured is a permanent error (dead letter, visible in ``rtqa status``). ``shadow_mode`` keeps results in the outbox and
 completes the job without sending. Delivery is at least once: a worker killed after the C-STORE and before
 its COMMIT sends again; the receiver sees the same SOP Instance UID (deterministic, see ``worker.py``).
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from rtqa_node.config import Destination, Settings
 from rtqa_node.dicom.scu import SendTimeouts, send_files
 from rtqa_node.errors import PermanentError
+from rtqa_node.report.kinds import KIND_BY_SOP_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,8 @@ def dispatch_revision(settings: Settings, index, plan_study_id: str, revision: i
         RetryableError: the destination is down or busy (see ``dicom.scu``).
         PermanentError: nothing to send to, or the destination refuses the objects.
     """
-    rows = index.query("SELECT id, path FROM outbox WHERE plan_study_id = ? AND revision = ? ORDER BY id",
-                       (plan_study_id, revision))
+    rows = index.query("SELECT id, path, sop_class_uid FROM outbox WHERE plan_study_id = ? AND revision = ?"
+                       " ORDER BY id", (plan_study_id, revision))
     if not rows:
         raise PermanentError(f"outbox holds no result for {plan_study_id} revision {revision}")
     if settings.shadow_mode:
@@ -58,6 +60,11 @@ def dispatch_revision(settings: Settings, index, plan_study_id: str, revision: i
     (calling_ae,) = index.query("SELECT calling_ae FROM plan_study_revisions WHERE plan_study_id = ? AND"
                                 " revision = ?", (plan_study_id, revision))[0]
     destination = destination_for(settings, calling_ae)
+    # the destination's outputs (config: Destination.outputs), told apart by SOP class
+    rows = [row for row in rows if KIND_BY_SOP_CLASS.get(row["sop_class_uid"]) in destination.outputs]
+    if not rows:
+        log.info("results_not_wanted", extra={"plan_study_id": plan_study_id, "revision": revision})
+        return DispatchOutcome(f"{destination.ae_title}@{destination.host}:{destination.port}", 0)
     paths = [settings.data_dir / row["path"] for row in rows]
     timeouts = SendTimeouts(acse_s=settings.acse_timeout_s, dimse_s=settings.dimse_timeout_s,
                             network_s=settings.network_timeout_s)

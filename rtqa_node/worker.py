@@ -1,13 +1,15 @@
 """The worker: a separate process that leases jobs from the queue and runs them, one at a time.
 
-- ``review`` jobs: load the revision's member files, run :data:`REVIEW` (a function ``files -> ReviewResult``;
-  the placeholder :func:`review_plan_study` loads every object and counts; the real review replaces this one
-  function), write a result object to the outbox, and in one transaction mark the job done, record the outbox
-  row and enqueue the revision's dispatch job.
+- ``review`` jobs: load the revision's member files, run :data:`REVIEW` (a function ``files -> Review``, or the
+  placeholder's ``ReviewResult``; the placeholder :func:`review_plan_study` loads every object and counts; the
+  real review replaces this one function), write the result objects to the outbox (:mod:`rtqa_node.report`:
+  the SR, and the risk maps and PDF that some destination wants), and in one transaction mark the job done,
+  record the outbox rows and enqueue the revision's dispatch job.
 - ``dispatch`` jobs: see :mod:`rtqa_node.dispatch`.
 
-The result's SOP Instance UID is ``2.25.<uuid5(plan_study_id, revision, kind, RESULT_VERSION)>``: a re-run
-after a crash writes an object with the same UID, so duplicates at the receiver are recognisable.
+Each result's SOP Instance UID is ``2.25.<uuid5(plan_study_id, revision, kind, RESULT_VERSION)>``
+(:func:`rtqa_node.report.outputs.result_uid`): a re-run after a crash writes objects with the same UIDs, so
+duplicates at the receiver are recognisable.
 
 One bad plan never stops the worker: any exception fails that job only (retry with backoff, then dead with
 the error). A review that goes dead still answers: an "analysis not performed" result is written and sent.
@@ -32,20 +34,19 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 
-from rtqa_node.config import Settings
+from rtqa_node.config import Destination, Settings
 from rtqa_node.dispatch import DISPATCH_PRIORITY, dispatch_revision, outbox_path
-from rtqa_node.errors import PermanentError, RetryableError
+from rtqa_node.errors import InputError, PermanentError, RetryableError
+from rtqa_node.report.kinds import KIND_BY_SOP_CLASS
+from rtqa_node.report.outputs import RESULT_VERSION, UID_KIND, result_uid
+from rtqa_node.review import Finding, Review, Severity
 from rtqa_node.queue import Job, JobKind, JobState, LeaseLost, Queue, enqueue
 from rtqa_node.store import files as durable
 from rtqa_node.store.index import Index
 
 log = logging.getLogger(__name__)
 
-#: Part of the result UIDs: bump when the result content changes meaning, so new results get new UIDs.
-RESULT_VERSION = "placeholder-review-1"
-_UID_NAMESPACE = uuid.UUID("6f1c8a52-63c0-4b7e-9d5e-0a3c1f2b7e41")
 _IDLE_POLL_S = 0.1
 
 
@@ -61,6 +62,13 @@ class ReviewResult:
     def summary(self) -> dict:
         return {"objects": self.objects, "size_bytes": self.size_bytes, "by_modality": self.by_modality,
                 "findings": list(self.findings)}
+
+    def to_review(self, revision: int) -> Review:
+        """The placeholder as a ``Review`` for the report: it evaluated nothing, and says so."""
+        text = (f"Placeholder review of revision {revision}: {self.objects} objects ("
+                + ", ".join(f"{m} {n}" for m, n in self.by_modality.items()) + "); the plan was not evaluated")
+        return Review(findings=(Finding("placeholder.not_evaluated", Severity.NOT_EVALUABLE, text),),
+                      protocol=None, metrics=self.summary(), algorithm_version="placeholder")
 
 
 def review_plan_study(files: Sequence[Path]) -> ReviewResult:
@@ -82,64 +90,47 @@ def review_plan_study(files: Sequence[Path]) -> ReviewResult:
 
 
 #: The review the worker runs; replace this one function (or pass ``review=`` to :class:`Worker`).
-REVIEW: Callable[[Sequence[Path]], ReviewResult] = review_plan_study
+REVIEW: Callable[[Sequence[Path]], Review | ReviewResult] = review_plan_study
 
 
-def result_uid(plan_study_id: str, revision: int, kind: str) -> str:
-    """Deterministic UID of a result object (PS3.5 B.2: 2.25 + the UUID as an integer)."""
-    name = f"{plan_study_id}/{revision}/{kind}/{RESULT_VERSION}"
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+def build_results(paths: Sequence[Path], review: Review, *, plan_study_id: str, revision: int,
+                  kinds: Sequence[str], predecessor: Path | None, with_study: bool = True):
+    """The result objects of one revision (``rtqa_node.report.outputs.build_review_outputs``): the plan study is
+    loaded for the risk maps and the summary; a study that cannot be loaded gets the SR only."""
+    from rtqa_node.report.outputs import build_review_outputs
+    from rtqa_node.report.sr import read_evidence
+    from rtqa_node.rt.plan_study import load_plan_study
+
+    study = None
+    if with_study and set(kinds) - {"sr"}:
+        try:
+            study = load_plan_study(paths)
+        except InputError as exc:
+            log.warning("report_without_study", extra={"plan_study_id": plan_study_id, "error": str(exc)[:200]})
+    predecessors = [pydicom.dcmread(predecessor, stop_before_pixels=True)] if predecessor else []
+    return build_review_outputs(review, study, read_evidence(paths), plan_study_id=plan_study_id,
+                                revision=revision, kinds=kinds, predecessors=predecessors)
 
 
-def _evidence(plan_path: Path) -> Dataset:
-    """The identifying attributes of the reviewed plan, for the SR's patient/study modules and evidence."""
-    plan = pydicom.dcmread(plan_path, stop_before_pixels=True)
-    ds = Dataset()
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        setattr(ds, keyword, plan.get(keyword))
-    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-                    "StudyDate", "StudyTime", "ReferringPhysicianName", "SpecificCharacterSet"):
-        value = plan.get(keyword)
-        setattr(ds, keyword, value if value is not None else "")
-    if not ds.SpecificCharacterSet:
-        del ds.SpecificCharacterSet
-    return ds
+def wanted_outputs(settings: Settings) -> tuple[str, ...]:
+    """Every output some configured destination takes (the default destination's defaults when none is)."""
+    destinations = [*settings.destinations.values(), settings.default_destination]
+    kinds = {kind for d in destinations if d is not None for kind in d.outputs}
+    return tuple(sorted(kinds or Destination.model_fields["outputs"].default))
 
 
-def build_result(plan_path: Path, *, plan_study_id: str, revision: int, kind: str, text: str,
-                 supersedes_uid: str | None) -> Dataset:
-    """A Comprehensive SR with the review's text (placeholder for report/sr.py), deterministic UIDs."""
-    import highdicom as hd
-
-    items = [hd.sr.TextContentItem(name=codes.DCM.Finding, value=text,
-                                   relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)]
-    if supersedes_uid:
-        items.append(hd.sr.TextContentItem(
-            name=codes.DCM.Comment, value=f"supersedes the result {supersedes_uid} of an earlier revision",
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
-    container = hd.sr.ContainerContentItem(name=codes.DCM.ImagingMeasurementReport)
-    container.ContentSequence = items
-    sr = hd.sr.ComprehensiveSR(
-        evidence=[_evidence(plan_path)],
-        content=container,
-        series_instance_uid=result_uid(plan_study_id, 0, "series"),
-        series_number=9901,
-        sop_instance_uid=result_uid(plan_study_id, revision, kind),
-        instance_number=revision,
-        manufacturer="rtqa-node",
-        is_complete=True,
-    )
-    return sr
-
-
-def write_result(settings: Settings, dataset: Dataset, rel_path: Path) -> None:
-    """Durably write (temp file, fsync, rename, directory fsync): a crash never leaves half an object."""
+def write_result(settings: Settings, dataset: Dataset | bytes, rel_path: Path) -> None:
+    """Durably write a data set or bytes (temp file, fsync, rename, directory fsync): a crash never leaves half
+    an object."""
     final = settings.data_dir / rel_path
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=final.parent, suffix=".partial")
     os.close(fd)
     try:
-        dataset.save_as(name, enforce_file_format=True)
+        if isinstance(dataset, bytes):
+            Path(name).write_bytes(dataset)
+        else:
+            dataset.save_as(name, enforce_file_format=True)
         durable.fsync_file(Path(name))
         os.replace(name, final)
         durable.fsync_dir(final.parent)
@@ -217,32 +208,41 @@ class Worker:
         return plan, paths
 
     def _review(self, job: Job) -> None:
-        plan, paths = self._members(job)
+        _, paths = self._members(job)
         result = self.review(paths)
-        text = (f"Placeholder review of revision {job.revision}: {result.objects} objects ("
-                + ", ".join(f"{m} {n}" for m, n in result.by_modality.items()) + ")")
-        self._publish(job, plan, str(JobKind.REVIEW), text, lambda conn: self.queue.complete(
-            job, self.owner, result=result.summary(), conn=conn))
+        review = result if isinstance(result, Review) else result.to_review(job.revision)
+        summary = result.to_json() if isinstance(result, Review) else result.summary()
+        self._publish(job, paths, review, lambda conn: self.queue.complete(
+            job, self.owner, result=summary, conn=conn))
 
-    def _publish(self, job: Job, plan: Path, kind: str, text: str, finish: Callable) -> None:
-        """Write the result object, then in one transaction: ``finish(conn)`` (job done or dead), the outbox
-        row, the dispatch job."""
-        supersedes_uid = None
-        if job.supersedes is not None:
-            prior = self.index.query("SELECT sop_instance_uid FROM outbox WHERE job_id = ?", (job.supersedes,))
-            supersedes_uid = prior[0][0] if prior else None
-        dataset = build_result(plan, plan_study_id=job.plan_study_id, revision=job.revision, kind=kind,
-                               text=text, supersedes_uid=supersedes_uid)
-        rel = outbox_path(job.plan_study_id, job.revision, kind)
-        write_result(self.settings, dataset, rel)
+    def _publish(self, job: Job, paths: list[Path], review: Review, finish: Callable, *,
+                 with_study: bool = True) -> None:
+        """Write the result objects, then in one transaction: ``finish(conn)`` (job done or dead), the outbox
+        rows, the dispatch job."""
+        predecessor = None
+        if job.supersedes is not None:  # the SR of the revision this one supersedes
+            prior = [row for row in self.index.query("SELECT path, sop_class_uid FROM outbox WHERE job_id = ?",
+                                                     (job.supersedes,)) if KIND_BY_SOP_CLASS.get(row["sop_class_uid"]) == "sr"]
+            predecessor = self.settings.data_dir / prior[0]["path"] if prior else None
+        outputs = build_results(paths, review, plan_study_id=job.plan_study_id, revision=job.revision,
+                                kinds=wanted_outputs(self.settings), predecessor=predecessor, with_study=with_study)
+        written = []
+        for obj in outputs.objects:
+            rel = outbox_path(job.plan_study_id, job.revision, UID_KIND[obj.kind])
+            write_result(self.settings, obj.dataset, rel)
+            written.append((obj.dataset, rel))
+        if outputs.summary is not None:  # for people and the worklist; not sent (the Encapsulated PDF is)
+            rel = outbox_path(job.plan_study_id, job.revision, "summary")
+            write_result(self.settings, outputs.summary.pdf_bytes, rel.with_suffix(".pdf"))
+            write_result(self.settings, outputs.summary.png_bytes, rel.with_suffix(".png"))
         now_s = time.time()
         with self.index.transaction() as conn:
             finish(conn)
-            conn.execute(
+            conn.executemany(
                 "INSERT OR IGNORE INTO outbox (job_id, plan_study_id, revision, sop_instance_uid, sop_class_uid,"
                 " path, created_at_s) VALUES (?,?,?,?,?,?,?)",
-                (job.id, job.plan_study_id, job.revision, str(dataset.SOPInstanceUID), str(dataset.SOPClassUID),
-                 rel.as_posix(), now_s))
+                [(job.id, job.plan_study_id, job.revision, str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                  rel.as_posix(), now_s) for ds, rel in written])
             enqueue(conn, plan_study_id=job.plan_study_id, revision=job.revision, kind=JobKind.DISPATCH,
                     max_attempts=self.settings.dispatch_max_attempts,
                     retry_base_s=self.settings.dispatch_retry_base_s, priority=DISPATCH_PRIORITY, now_s=now_s)
@@ -252,9 +252,12 @@ class Worker:
         if job.kind is JobKind.REVIEW and last_attempt:
             # a dead review still answers: "analysis not performed", with the reason
             try:
-                plan, _ = self._members(job)
-                self._publish(job, plan, str(JobKind.REVIEW), f"Analysis not performed: {error[:500]}",
-                              lambda conn: self.queue.fail(job, self.owner, error, permanent=True, conn=conn))
+                from rtqa_node.report.sr import not_performed_review
+
+                _, paths = self._members(job)
+                self._publish(job, paths, not_performed_review(error[:500]),
+                              lambda conn: self.queue.fail(job, self.owner, error, permanent=True, conn=conn),
+                              with_study=False)
                 return JobState.DEAD
             except LeaseLost:
                 raise
@@ -317,7 +320,8 @@ def worker_process_main(settings: Settings, log_level: str, parent_pid: int) -> 
     raise SystemExit(run_worker(settings, parent_pid=parent_pid))
 
 
-__all__ = ["REVIEW", "ReviewResult", "Worker", "build_result", "result_uid", "review_plan_study", "run_worker"]
+__all__ = ["RESULT_VERSION", "REVIEW", "ReviewResult", "Worker", "build_results", "result_uid", "review_plan_study",
+           "run_worker", "wanted_outputs"]
 
 
 class WorkerPool:

@@ -17,10 +17,11 @@ def test_demo_sends_a_synthetic_plan_study_and_shows_the_returned_sr(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "83 of 83 objects acknowledged" in result.stdout
     assert "result received by the TPS" in result.stdout
-    assert "Comprehensive SR Document" in result.stdout  # dsrdump read the SR
-    received = list((tmp_path / "demo" / "tps").iterdir())
-    assert len(received) == 1
-    sr = pydicom.dcmread(received[0])
-    # Comprehensive SR now (the placeholder review); Comprehensive 3D SR once the report issue lands
+    assert "Comprehensive 3D SR Document" in result.stdout  # dsrdump read the SR
+    received = {str(ds.Modality): ds for ds in map(pydicom.dcmread, (tmp_path / "demo" / "tps").iterdir())}
+    # the TPS's default outputs: the SR and the risk map as RT Dose (the synthetic plan limits SpinalCord)
+    assert sorted(received) == ["RTDOSE", "SR"]
+    sr, risk_map = received["SR"], received["RTDOSE"]
     assert sr.SOPClassUID in ("1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34")
-    assert sr.PatientName == "SYNTH^HN001"
+    assert sr.PatientName == "SYNTH^HN001" and risk_map.PatientName == "SYNTH^HN001"
+    assert risk_map.DoseUnits == "RELATIVE" and "NOT DOSE" in risk_map.DoseComment

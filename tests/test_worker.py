@@ -91,9 +91,20 @@ def test_one_bad_plan_never_stops_the_worker(data, rt_data, monkeypatch):
     assert states[(studies[1], "review")][0] == "done"
     # a dead review still answers: "analysis not performed", dispatched like any result
     assert states[(studies[0], "dispatch")][0] == "done"
-    path = store.index.query("SELECT path FROM outbox WHERE plan_study_id = ?", (studies[0],))[0][0]
-    text = str(pydicom.dcmread(data_dir / path).ContentSequence[0].TextValue)
-    assert text.startswith("Analysis not performed: RuntimeError: simulated crash")
+    (path,) = [r[0] for r in store.index.query("SELECT path FROM outbox WHERE plan_study_id = ?", (studies[0],))]
+    sr = pydicom.dcmread(data_dir / path)
+    texts = [item.TextValue for item in _content_items(sr) if item.ValueType == "TEXT"
+             and item.ConceptNameCodeSequence[0].CodeMeaning == "Comment"]
+    assert len(texts) == 1 and texts[0].startswith("Analysis not performed: RuntimeError: simulated crash")
+    verdicts = [item.ConceptCodeSequence[0].CodeMeaning for item in _content_items(sr) if item.ValueType == "CODE"
+                and item.ConceptNameCodeSequence[0].CodeMeaning == "Plan review verdict"]
+    assert verdicts == ["Not Evaluated"]
+
+
+def _content_items(dataset):
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
 
 
 def test_unreadable_member_is_a_permanent_error(tmp_path):

@@ -26,6 +26,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from rtqa_node.report import render, riskmap, sr
+from rtqa_node.report.kinds import OUTPUT_KINDS, PARAMETRIC_MAP, PDF, RISKMAP_RTDOSE, SR
 from rtqa_node.review import Review
 from rtqa_node.rt.plan_study import PlanStudy
 
@@ -35,18 +36,8 @@ log = logging.getLogger(__name__)
 RESULT_VERSION = "report-1"
 _UID_NAMESPACE = uuid.UUID("6f1c8a52-63c0-4b7e-9d5e-0a3c1f2b7e41")
 
-SR, RISKMAP_RTDOSE, PARAMETRIC_MAP, PDF = "sr", "riskmap_rtdose", "parametric_map", "pdf"
-OUTPUT_KINDS = (SR, RISKMAP_RTDOSE, PARAMETRIC_MAP, PDF)
 #: the result kind in the UID (and outbox file name) of each output; the SR keeps the job kind "review"
 UID_KIND = {SR: "review", RISKMAP_RTDOSE: "riskmap_rtdose", PARAMETRIC_MAP: "parametric_map", PDF: "pdf"}
-#: output kind by SOP Class UID (dispatch picks a destination's outputs from the outbox by SOP class)
-KIND_BY_SOP_CLASS = {
-    "1.2.840.10008.5.1.4.1.1.88.34": SR,
-    "1.2.840.10008.5.1.4.1.1.88.33": SR,
-    "1.2.840.10008.5.1.4.1.1.481.2": RISKMAP_RTDOSE,
-    "1.2.840.10008.5.1.4.1.1.30": PARAMETRIC_MAP,
-    render.ENCAPSULATED_PDF_STORAGE: PDF,
-}
 
 
 def result_uid(plan_study_id: str, revision: int, kind: str, version: str = RESULT_VERSION) -> str:

@@ -24,11 +24,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 import rtqa_node
+from rtqa_node.report.kinds import ENCAPSULATED_PDF_STORAGE
 from rtqa_node.report.riskmap import RiskMap
 from rtqa_node.review import Review, Severity, Verdict
 from rtqa_node.rt.plan_study import PlanStudy, plan_dose
 
-ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 PDF_SERIES_NUMBER = 9904
 MAX_TABLE_ROWS = 16
 MAX_DVH_STRUCTURES = 10
