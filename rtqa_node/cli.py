@@ -296,6 +296,88 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 COMMANDS += [_add_train, _add_evaluate]
 
 
+# -- review ------------------------------------------------------------------------------------------------
+
+
+def _add_review(sub) -> None:
+    p = sub.add_parser("review", help="review a plan study: integrity, trial protocol, contours (verdict + findings)")
+    p.add_argument("path", help="folder of DICOM files (searched recursively), one file, or a stored plan study id")
+    p.add_argument("--protocol", help="trial protocol id (see rtqa_node/checks/protocols) or a protocol YAML file; "
+                   "default: the configured one, else chosen from the plan's Clinical Trial Protocol ID or label")
+    p.add_argument("--reference", type=Path, help="a second RTSTRUCT (file or folder) to compare the contours with")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout (Review.to_json())")
+    p.add_argument("--out", type=Path, help="also write review.json (and the node's outputs) into this folder")
+    _add_data_dir(p)
+    p.set_defaults(run=_run_review)
+
+
+def _review_files(args: argparse.Namespace) -> tuple[list[Path], str | None, int]:
+    """Files of PATH: a folder or file, else a stored plan study id (its latest revision in the index)."""
+    from rtqa_node.rt.plan_study import dicom_files
+
+    path = Path(args.path)
+    if path.exists():
+        return ([path] if path.is_file() else dicom_files(path)), None, 1
+    if not args.path.startswith("ps-"):
+        raise InputError(f"{args.path}: no such file or folder, and not a plan study id (ps-...)")
+    settings = _settings(args)
+    if not settings.index_path.exists():
+        raise InputError(f"{args.path}: not a folder, and no node data in {settings.data_dir} to look it up in")
+    from rtqa_node.store.index import Index
+
+    index = Index(settings.index_path)
+    try:
+        rows = index.query("SELECT MAX(revision) FROM plan_study_members WHERE plan_study_id = ?", (args.path,))
+        revision = rows[0][0] if rows else None
+        if revision is None:
+            raise InputError(f"plan study {args.path} has no ready revision in {settings.data_dir}")
+        members = index.query(
+            "SELECT i.path FROM plan_study_members m JOIN instances i ON i.id = m.instance_id"
+            " WHERE m.plan_study_id = ? AND m.revision = ? ORDER BY m.role, i.id", (args.path, revision))
+    finally:
+        index.close()
+    return [settings.data_dir / r[0] for r in members], args.path, int(revision)
+
+
+def _run_review(args: argparse.Namespace) -> int:
+    from rtqa_node.checks.pipeline import choose_protocol, format_review, review_plan_study
+    from rtqa_node.rt.plan_study import load_folder, load_plan_study
+
+    files, plan_study_id, revision = _review_files(args)
+    if not files:
+        raise InputError(f"{args.path}: no files")
+    study = load_plan_study(files)
+    selection = choose_protocol(study, explicit=args.protocol, configured=_settings(args).review_protocol)
+    reference = None
+    if args.reference is not None:
+        ref_study = load_folder(args.reference)
+        if not ref_study.structure_sets:
+            raise InputError(f"--reference {args.reference}: no RTSTRUCT found")
+        reference = ref_study.structure_sets[0]
+    review = review_plan_study(study, protocol=selection.protocol, reference_structures=reference)
+    document = review.to_json()
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "review.json").write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+        # the SR, risk maps and PDF the node would send (issue 8, rtqa_node/report/outputs.py)
+        from rtqa_node.report.outputs import write_review_outputs
+
+        if plan_study_id is None:  # a folder: an id from the plan's UID, hashed like assemble's ids
+            import hashlib
+
+            key = study.plans[0].sop_instance_uid if study.plans else str(Path(args.path).resolve())
+            plan_study_id = "ps-" + hashlib.sha256(f"folder/{key}".encode()).hexdigest()[:12]
+        write_review_outputs(review, study, args.out, plan_study_id=plan_study_id, revision=revision)
+    if args.json:
+        print_json(document)
+    else:
+        sys.stdout.write(format_review(review))
+    return 0
+
+
+COMMANDS.append(_add_review)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtqa", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rtqa-node {__version__}")

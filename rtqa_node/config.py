@@ -116,6 +116,9 @@ class Settings(_Strict):
     dispatch_retry_base_s: float = Field(default=5.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
     job_lease_s: float = Field(default=600.0, gt=0)
+    #: Trial protocol id (``rtqa_node/checks/protocols``) for every review; None: chosen per plan from its
+    #: Clinical Trial Protocol ID or RT Plan Label, else generic checks only.
+    review_protocol: str | None = None
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
 

@@ -19,6 +19,7 @@ lease and another took the job over), the result is not committed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -89,8 +90,16 @@ def review_plan_study(files: Sequence[Path]) -> ReviewResult:
     return ReviewResult(objects=len(files), size_bytes=size, by_modality=dict(sorted(by_modality.items())))
 
 
+def run_review(files: Sequence[Path], *, configured_protocol: str | None = None) -> Review:
+    """The real review (:mod:`rtqa_node.checks`): load the plan study, pick the protocol, run the checks. A plan
+    study that cannot be loaded gives a not-evaluable Review, not an exception."""
+    from rtqa_node.checks.pipeline import load_and_review
+
+    return load_and_review(files, configured_protocol=configured_protocol)
+
+
 #: The review the worker runs; replace this one function (or pass ``review=`` to :class:`Worker`).
-REVIEW: Callable[[Sequence[Path]], Review | ReviewResult] = review_plan_study
+REVIEW: Callable[[Sequence[Path]], Review | ReviewResult] = run_review
 
 
 def build_results(paths: Sequence[Path], review: Review, *, plan_study_id: str, revision: int,
@@ -144,6 +153,8 @@ class Worker:
     def __init__(self, settings: Settings, *, review: Callable[[Sequence[Path]], ReviewResult] | None = None,
                  owner: str | None = None, parent_pid: int | None = None) -> None:
         self.settings = settings
+        if review is None and REVIEW is run_review:
+            review = functools.partial(run_review, configured_protocol=settings.review_protocol)
         self.review = review or REVIEW
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.parent_pid = parent_pid
@@ -321,7 +332,7 @@ def worker_process_main(settings: Settings, log_level: str, parent_pid: int) -> 
 
 
 __all__ = ["RESULT_VERSION", "REVIEW", "ReviewResult", "Worker", "build_results", "result_uid", "review_plan_study",
-           "run_worker", "wanted_outputs"]
+           "run_review", "run_worker", "wanted_outputs"]
 
 
 class WorkerPool:
