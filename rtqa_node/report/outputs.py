@@ -40,9 +40,10 @@ _UID_NAMESPACE = uuid.UUID("6f1c8a52-63c0-4b7e-9d5e-0a3c1f2b7e41")
 UID_KIND = {SR: "review", RISKMAP_RTDOSE: "riskmap_rtdose", PARAMETRIC_MAP: "parametric_map", PDF: "pdf"}
 
 
-def result_uid(plan_study_id: str, revision: int, kind: str, version: str = RESULT_VERSION) -> str:
-    """Deterministic UID of a result object (PS3.5 B.2: 2.25 + the UUID as an integer)."""
-    name = f"{plan_study_id}/{revision}/{kind}/{version}"
+def result_uid(plan_study_id: str, revision: int, kind: str, version: str | None = None) -> str:
+    """Deterministic UID of a result object (PS3.5 B.2: 2.25 + the UUID as an integer); ``version`` defaults
+    to :data:`RESULT_VERSION`."""
+    name = f"{plan_study_id}/{revision}/{kind}/{RESULT_VERSION if version is None else version}"
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
