@@ -146,22 +146,6 @@ def _axis_weights(coords_mm: np.ndarray, origin_mm: float, spacing_mm: float, n:
     return w, inside
 
 
-def _frame_weights(z_mm: float, g: GridGeometry):
-    zc = g.z_positions_mm
-    nf = len(zc)
-    if nf == 1:
-        half = g.spacing_mm[2] / 2
-        return (0, 0, 0.0, 1.0) if abs(z_mm - zc[0]) <= half else None
-    lo_edge = zc[0] - (zc[1] - zc[0]) / 2
-    hi_edge = zc[-1] + (zc[-1] - zc[-2]) / 2
-    if z_mm < lo_edge or z_mm > hi_edge:
-        return None
-    zz = min(max(z_mm, zc[0]), zc[-1])
-    k0 = int(min(np.searchsorted(zc, zz, side="right") - 1, nf - 2))
-    dz = zc[k0 + 1] - zc[k0]
-    return k0, k0 + 1, (zz - zc[k0]) / dz, dz
-
-
 @dataclass(frozen=True)
 class _Samples:
     dose_gy: np.ndarray
@@ -201,25 +185,31 @@ def _z_cells(z_mm: np.ndarray, g: GridGeometry):
     return k0, k0 + 1, u - k0, zc[k0 + 1] - zc[k0]
 
 
-def _interior_blocks(full_g: np.ndarray, max_block: int) -> list[tuple[int, np.ndarray]]:
+def _interior_blocks(full_g: np.ndarray, max_block: int) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
     """Split the full pixels of each slab group (G, ny, nx) into aligned square blocks of side max_block, ...,
-    2, 1 lattice pixels, each pixel in the largest block that is full; returns (side, (n, 3) indices g, by, bx)."""
+    2, 1 lattice pixels, each pixel in the largest full block containing it.
+
+    Returns: [(side, (n, 3) block indices g, by, bx)] and the (G, ny, nx) mask of the pixels so covered.
+    """
     n_g, ny, nx = full_g.shape
-    side = max_block
-    pad_y, pad_x = -ny % side, -nx % side
-    full = np.pad(full_g, ((0, 0), (0, pad_y), (0, pad_x)))
-    taken = np.zeros_like(full)
+    pad_y, pad_x = -ny % max_block, -nx % max_block
+    pyramid = [np.pad(full_g, ((0, 0), (0, pad_y), (0, pad_x)))]  # pyramid[i]: blocks of side 2**i all full
+    while (1 << len(pyramid)) <= max_block:
+        q = pyramid[-1]
+        pyramid.append(q[:, 0::2, 0::2] & q[:, 1::2, 0::2] & q[:, 0::2, 1::2] & q[:, 1::2, 1::2])
     out = []
-    while side >= 1:
-        by, bx = full.shape[1] // side, full.shape[2] // side
-        blocks = full.reshape(n_g, by, side, bx, side).all(axis=(2, 4))
-        free = ~taken.reshape(n_g, by, side, bx, side).any(axis=(2, 4))
-        pick = blocks & free
+    taken = np.zeros_like(pyramid[-1])
+    for level in range(len(pyramid) - 1, -1, -1):
+        if level < len(pyramid) - 1:  # taken by larger blocks, at this level's resolution
+            g_, by, bx = taken.shape
+            up = np.empty((g_, by, 2, bx, 2), dtype=bool)
+            up[:] = taken[:, :, None, :, None]
+            taken = up.reshape(g_, 2 * by, 2 * bx)
+        pick = pyramid[level] & ~taken
         idx = np.argwhere(pick)
         if len(idx):
-            out.append((side, idx))
-            taken |= np.repeat(np.repeat(pick, side, axis=1), side, axis=2)
-        side //= 2
+            out.append((1 << level, idx))
+            taken |= pick
     return out, taken[:, :ny, :nx]
 
 
@@ -279,8 +269,12 @@ def _sample_axial(vox: Voxelisation, dose: DoseGrid, *, block_mm: float | None =
     rows = np.nonzero(wy.any(axis=0))[0]
     pix = d_mm ** 2
     empty = np.zeros(0)
-    frames = [_frame_weights(float(z), g) for z in vox.z_mm]
-    valid = np.array([f is not None for f in frames], dtype=bool) & (len(cols) > 0) & (len(rows) > 0)
+    zc = g.z_positions_mm
+    if nf == 1:
+        valid = np.abs(vox.z_mm - zc[0]) <= g.spacing_mm[2] / 2
+    else:
+        valid = (vox.z_mm >= zc[0] - (zc[1] - zc[0]) / 2) & (vox.z_mm <= zc[-1] + (zc[-1] - zc[-2]) / 2)
+    valid &= (len(cols) > 0) & (len(rows) > 0)
     if block_mm is None:
         block_mm = 2.0 * max(g.spacing_mm[0], g.spacing_mm[1])
     max_block = 1 << max(0, int(math.floor(math.log2(max(block_mm / d_mm, 1.0)))))
@@ -292,7 +286,10 @@ def _sample_axial(vox: Voxelisation, dose: DoseGrid, *, block_mm: float | None =
     starts = np.searchsorted(group, np.arange(n_groups))
     full = (cov_all >= 1.0) & valid[:, None, None]
     full &= in_y[None, :, None] & in_x[None, None, :]
-    full_g = np.logical_and.reduceat(full, starts, axis=0) if n_groups else np.zeros((0, lat.ny, lat.nx), bool)
+    if n_groups == len(group):
+        full_g = full
+    else:
+        full_g = np.logical_and.reduceat(full, starts, axis=0) if n_groups else np.zeros((0, lat.ny, lat.nx), bool)
     blocks, taken = _interior_blocks(full_g, max_block) if n_groups else ([], full_g)
     t_g = np.add.reduceat(vox.thickness_mm, starts) if n_groups else empty
     zc_g = np.add.reduceat(vox.z_mm * vox.thickness_mm, starts) / t_g if n_groups else empty
@@ -314,7 +311,7 @@ def _sample_axial(vox: Voxelisation, dose: DoseGrid, *, block_mm: float | None =
         node_range = _node_range_in(taken, group, vox, dose, lat)
 
     # -- boundary band: fine lattice, per slab
-    fine = (cov_all > 0) & ~taken[group]
+    fine = (cov_all > 0) & ~(taken if n_groups == len(group) else taken[group])
     ks, ys, xs = np.nonzero(fine)
     cov = cov_all[ks, ys, xs].astype(np.float64)
     weight = cov * (pix * vox.thickness_mm)[ks]
@@ -323,8 +320,7 @@ def _sample_axial(vox: Voxelisation, dose: DoseGrid, *, block_mm: float | None =
     ks, ys, xs, cov, weight = ks[keep], ys[keep], xs[keep], cov[keep], weight[keep]
     f_dose, f_width = empty, empty
     if len(ks):
-        k0 = np.array([f[0] if f else 0 for f in frames]); k1 = np.array([f[1] if f else 0 for f in frames])
-        t = np.array([f[2] if f else 0.0 for f in frames]); dz = np.array([f[3] if f else 1.0 for f in frames])
+        k0, k1, t, dz = _z_cells(vox.z_mm, g)
         c0, c1, fx = _axis_cells(lat.xs_mm, g.origin_mm[0], g.spacing_mm[0], nc)
         r0, r1, fy = _axis_cells(lat.ys_mm, g.origin_mm[1], g.spacing_mm[1], nr)
         f_dose, gxs, gys, gzs = _trilinear_gradient(
@@ -353,24 +349,22 @@ def _node_range_in(taken: np.ndarray, group: np.ndarray, vox: Voxelisation, dose
     z_lo = vox.z_mm - vox.thickness_mm / 2
     z_hi = vox.z_mm + vox.thickness_mm / 2
     zc = g.z_positions_mm
-    slab = np.searchsorted(z_hi, zc, side="right")  # first slab whose top lies above the node
-    ok = (slab < len(vox.z_mm))
-    slab = np.minimum(slab, len(vox.z_mm) - 1)
-    ok &= z_lo[slab] <= zc
-    if not ok.any():
-        return None
+    slab = np.minimum(np.searchsorted(z_hi, zc, side="right"), len(vox.z_mm) - 1)  # first slab above the node
+    frames = np.nonzero((z_lo[slab] <= zc) & (zc <= z_hi[slab]))[0]
     i = np.rint((g.origin_mm[0] + g.spacing_mm[0] * np.arange(nc) - lat.x0_mm) / lat.delta_mm).astype(np.int64)
     j = np.rint((g.origin_mm[1] + g.spacing_mm[1] * np.arange(nr) - lat.y0_mm) / lat.delta_mm).astype(np.int64)
     ci = np.nonzero((i >= 0) & (i < lat.nx))[0]
     rj = np.nonzero((j >= 0) & (j < lat.ny))[0]
-    if not len(ci) or not len(rj):
+    if not len(frames) or not len(ci) or not len(rj):
         return None
-    frames = np.nonzero(ok)[0]
-    mask = taken[group[slab[frames]]][:, j[rj]][:, :, i[ci]]  # (F, R, C)
+    def index(v: np.ndarray):  # a slice where the indices are consecutive (always at the grid resolution)
+        return slice(int(v[0]), int(v[-1]) + 1) if np.all(np.diff(v) == 1) else v
+
+    mask = taken[group[slab[frames]]][:, index(j[rj])][:, :, index(i[ci])]  # (F, R, C)
     if not mask.any():
         return None
-    values = dose.dose[frames][:, rj][:, :, ci][mask]
-    return float(values.min()), float(values.max())
+    values = dose.dose[frames][:, index(rj)][:, :, index(ci)]
+    return float(np.where(mask, values, np.inf).min()), float(np.where(mask, values, -np.inf).max())
 
 
 def _sample_general(vox: Voxelisation, dose: DoseGrid) -> _Samples:
