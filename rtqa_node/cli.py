@@ -159,7 +159,8 @@ COMMANDS.append(_add_dvh)
 
 
 def _add_synth(sub) -> None:
-    p = sub.add_parser("synth", help="write a synthetic head-and-neck cohort: CT, RTSTRUCT, RTPLAN, RTDOSE + truth")
+    p = sub.add_parser("synth", help="write a synthetic head-and-neck cohort: CT, RTSTRUCT, RTPLAN/RT Ion Plan, "
+                                     "RTDOSE + ground truth")
     p.add_argument("--patients", type=int, required=True, help="number of patients")
     p.add_argument("--sites", type=int, default=1, help="institutions, with systematic differences (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
@@ -167,7 +168,12 @@ def _add_synth(sub) -> None:
     p.add_argument("--slices", type=int, default=80, help="CT slices of 3 mm per patient (30-400, default 80)")
     p.add_argument("--deviation-rate", type=float, default=0.3,
                    help="mean chance of a planted protocol deviation per plan (default 0.3)")
-    p.add_argument("--report", action="store_true", help="also write report.md (cohort summary, planted signal)")
+    p.add_argument("--modality", default="photon", choices=("photon", "proton", "carbon", "mixed"),
+                   help="photon (RTPLAN), proton or carbon (RT Ion Plan, RBE-weighted EFFECTIVE dose), or mixed "
+                        "(60/30/10 %%) (default photon)")
+    p.add_argument("--reviewers", type=int, default=3, help="simulated central QA reviewers per plan (default 3)")
+    p.add_argument("--report", action="store_true",
+                   help="also write report.md and PNG plots (outcome rates, dose-response, kappas, contours)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.set_defaults(run=_run_synth)
 
@@ -176,7 +182,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     from rtqa_node.synth.cohort import CohortConfig, generate_cohort, summarise
 
     config = CohortConfig(patients=args.patients, sites=args.sites, seed=args.seed, slices=args.slices,
-                          deviation_rate=args.deviation_rate)
+                          deviation_rate=args.deviation_rate, modality=args.modality, reviewers=args.reviewers)
     manifest = generate_cohort(args.out, config, report=args.report)
     summary = summarise(manifest, args.out)
     if args.json:
@@ -200,7 +206,8 @@ def _add_cohort_args(p, *, default_seed: int, default_patients: int) -> None:
                    help=f"without --data: simulate this many synthetic patients in memory (default {default_patients})")
     p.add_argument("--seed", type=int, default=default_seed, help=f"synthetic cohort seed (default {default_seed})")
     p.add_argument("--sites", type=int, default=3, help="synthetic cohort sites (default 3)")
-    p.add_argument("--cache", type=Path, default=Path(".rtqa-cache"), help="cache of simulated bags")
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "rtqa-node",
+                   help="cache of simulated bags (default ~/.cache/rtqa-node)")
 
 
 def _cohort(args):

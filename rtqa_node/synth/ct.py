@@ -38,7 +38,9 @@ def ct_numbers(phantom: Phantom, grid: Grid, rng: np.random.Generator, *, hu_off
     """HU volume (slices, rows, columns), int16: air -1000, soft tissue ~40, bone 700-1100, noise sd 12 HU."""
     hu = np.full(grid.shape, -1000.0, dtype=np.float32)
     for name, value in _TISSUE_HU:
-        shape = phantom.structures[name].shape if name in phantom.structures else phantom.tissues[name]
+        # The scanner sees the true anatomy, not the site's contours of it.
+        shape = phantom.true_shapes.get(name) or (
+            phantom.structures[name].shape if name in phantom.structures else phantom.tissues[name])
         win, phi = grid.sample(shape, pad_voxels=0)
         if phi.size:
             region = hu[win]

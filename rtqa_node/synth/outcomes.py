@@ -1,12 +1,21 @@
-"""Synthetic outcomes and reviewer labels: the planted signal that models are trained and tested against.
+"""Synthetic outcomes: the planted signal that models are trained and tested against (the "oracle").
 
-Models (doses in Gy, probabilities in [0, 1]):
-- xerostomia (salivary flow < 25 % of baseline at 1 year): LKB on the mean dose to both parotids together,
-  TD50 = 39.9 Gy, m = 0.40, n = 1 (Dijkema et al., IJROBP 2010, combined Michigan-Utrecht data);
-- dysphagia (grade >= 2 at 6 months): logistic in the mean pharyngeal constrictor dose, D50 = 60 Gy,
-  gamma50 = 2.0 (illustrative, in the style of Christianen et al., Radiother Oncol 2012);
-- local control at 2 years: logistic TCP in PTV_70 D95, TCD50 = 55 Gy x (GTV / 15 cc)^0.15, gamma50 = 2.5
-  (illustrative).
+Models (doses in Gy or Gy(RBE), probabilities in [0, 1]); parameters in ``MODELS`` (also written to
+ground_truth.json):
+- xerostomia (salivary flow < 25 % of baseline at 1 year), a mixture of two mechanisms,
+  p = (1 - lambda) p_mean + lambda p_stem, lambda = 0.4 (the planted share, illustrative):
+  * p_mean: LKB on the mean dose to both parotids, TD50 = 39.9 Gy, m = 0.40, n = 1 (Dijkema et al., IJROBP
+    2010;78:449, combined Michigan-Utrecht parotid data);
+  * p_stem: logistic on the mean dose to the parotid stem-cell regions (both glands), D50 = 42 Gy, gamma50 =
+    1.5 (illustrative; the mechanism follows van Luijk et al., Sci Transl Med 2015;7:305ra147, where dose to
+    the region containing the stem/progenitor cells, not the whole-gland mean, predicted saliva loss). This is
+    the spatial mechanism a whole-organ DVH model cannot see.
+- dysphagia (RTOG grade >= 2 at 6 months): logistic, S = -6.09 + 0.057 Dmean(Musc_Constrict_S) + 0.037
+  Dmean(Larynx_SG), p = 1 / (1 + exp(-S)) (the model of Christianen et al., Radiother Oncol 2012;105:107, as
+  we read it; check the coefficients against the paper before relying on them);
+- local control at 2 years: logistic TCP on a clonogen-weighted gEUD of CTV_70 (a = -10; weights 1 in the GTV,
+  0.3 in the CTV margin, so that a cold spot costs more in the gross tumour than in the margin),
+  TCD50 = 55 Gy x (GTV / 15 cc)^0.15, gamma50 = 2.5 (illustrative).
 """
 
 from __future__ import annotations
@@ -14,7 +23,31 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
-from rtqa_node.synth.protocol import SEVERITIES
+from rtqa_node.synth import schema
+
+STEM_SHARE = 0.4
+MODELS = {
+    "xerostomia": {
+        "form": "p = (1 - lambda) * LKB(mean parotids) + lambda * logistic(mean stem-cell regions)",
+        "lambda": STEM_SHARE,
+        schema.MECHANISM_PAROTID_MEAN: {"td50_gy": 39.9, "m": 0.40, "n": 1.0,
+                                        "citation": "Dijkema et al., Int J Radiat Oncol Biol Phys 2010;78:449-453"},
+        schema.MECHANISM_STEM_CELL_REGION: {"d50_gy": 42.0, "gamma50": 1.5, "illustrative": True,
+                                            "citation": "mechanism after van Luijk et al., Sci Transl Med "
+                                                        "2015;7:305ra147; parameters illustrative"},
+    },
+    "dysphagia": {
+        "form": "p = 1 / (1 + exp(-S)), S = b0 + b_pcms * Dmean(Musc_Constrict_S) + b_sgl * Dmean(Larynx_SG)",
+        schema.MECHANISM_DYSPHAGIA: {"b0": -6.09, "b_pcms_per_gy": 0.057, "b_sgl_per_gy": 0.037,
+                                     "citation": "Christianen et al., Radiother Oncol 2012;105:107-114 "
+                                                 "(coefficients as read by us; verify)"},
+    },
+    "local_control": {
+        "form": "p = 1 / (1 + (TCD50 / gEUD)^(4 gamma50)), TCD50 = 55 Gy * (GTV / 15 cc)^0.15",
+        schema.MECHANISM_TCP: {"tcd50_gy": 55.0, "volume_exponent": 0.15, "gamma50": 2.5, "eud_a": -10.0,
+                               "weight_gtv": 1.0, "weight_ctv_margin": 0.3, "illustrative": True},
+    },
+}
 
 
 def lkb_ntcp(mean_dose_gy: float, *, td50_gy: float, m: float) -> float:
@@ -30,48 +63,71 @@ def logistic_response(dose_gy: float, *, d50_gy: float, gamma50: float) -> float
 
 
 def xerostomia_ntcp(mean_parotids_gy: float) -> float:
-    return lkb_ntcp(mean_parotids_gy, td50_gy=39.9, m=0.40)
+    """The whole-gland (DVH) mechanism alone."""
+    p = MODELS["xerostomia"][schema.MECHANISM_PAROTID_MEAN]
+    return lkb_ntcp(mean_parotids_gy, td50_gy=p["td50_gy"], m=p["m"])
 
 
-def dysphagia_ntcp(mean_constrictor_gy: float) -> float:
-    return logistic_response(mean_constrictor_gy, d50_gy=60.0, gamma50=2.0)
+def stem_cell_ntcp(mean_stem_gy: float) -> float:
+    """The planted spatial mechanism alone."""
+    p = MODELS["xerostomia"][schema.MECHANISM_STEM_CELL_REGION]
+    return logistic_response(mean_stem_gy, d50_gy=p["d50_gy"], gamma50=p["gamma50"])
 
 
-def local_control_tcp(ptv70_d95_gy: float, gtv_volume_cc: float) -> float:
-    tcd50 = 55.0 * (max(gtv_volume_cc, 0.5) / 15.0) ** 0.15
-    return logistic_response(ptv70_d95_gy, d50_gy=tcd50, gamma50=2.5)
+def xerostomia_probability(mean_parotids_gy: float, mean_stem_gy: float) -> float:
+    return (1.0 - STEM_SHARE) * xerostomia_ntcp(mean_parotids_gy) + STEM_SHARE * stem_cell_ntcp(mean_stem_gy)
 
 
-def draw_outcomes(rng: np.random.Generator, *, mean_parotids_gy: float, mean_constrictor_gy: float,
-                  ptv70_d95_gy: float, gtv_volume_cc: float) -> dict:
-    """One Bernoulli draw per endpoint (uniforms drawn in a fixed order, so a draw is monotone in risk)."""
-    models = {
-        "xerostomia": (xerostomia_ntcp(mean_parotids_gy), "LKB mean parotids TD50=39.9 m=0.40 n=1"),
-        "dysphagia": (dysphagia_ntcp(mean_constrictor_gy), "logistic Musc_Constrict mean D50=60 g50=2.0"),
-        "local_control": (local_control_tcp(ptv70_d95_gy, gtv_volume_cc),
-                          "logistic PTV_70 D95 TCD50=55*(GTV/15cc)^0.15 g50=2.5"),
+def dysphagia_ntcp(mean_constrictor_s_gy: float, mean_supraglottic_gy: float) -> float:
+    p = MODELS["dysphagia"][schema.MECHANISM_DYSPHAGIA]
+    s = p["b0"] + p["b_pcms_per_gy"] * mean_constrictor_s_gy + p["b_sgl_per_gy"] * mean_supraglottic_gy
+    return float(1.0 / (1.0 + np.exp(-s)))
+
+
+def weighted_geud(dose_gy: np.ndarray, weights: np.ndarray, a: float) -> float:
+    """(sum w D^a / sum w)^(1/a); a < 0 makes cold voxels dominate."""
+    d = np.maximum(np.asarray(dose_gy, dtype=np.float64), 0.1)
+    w = np.asarray(weights, dtype=np.float64)
+    return float((np.sum(w * d**a) / np.sum(w)) ** (1.0 / a))
+
+
+def local_control_tcp(eud_gy: float, gtv_volume_cc: float) -> float:
+    p = MODELS["local_control"][schema.MECHANISM_TCP]
+    tcd50 = p["tcd50_gy"] * (max(gtv_volume_cc, 0.5) / 15.0) ** p["volume_exponent"]
+    return logistic_response(eud_gy, d50_gy=tcd50, gamma50=p["gamma50"])
+
+
+def draw_outcomes(rng: np.random.Generator, *, mean_parotids_gy: float, mean_stem_gy: float,
+                  mean_constrictor_s_gy: float, mean_supraglottic_gy: float, ctv70_eud_gy: float,
+                  gtv_volume_cc: float) -> dict:
+    """Oracle probabilities, one Bernoulli draw per endpoint (uniforms in a fixed order, so a draw is monotone
+    in risk) and, for xerostomia, which mechanism caused an event (drawn from its posterior share)."""
+    p_mean, p_stem = xerostomia_ntcp(mean_parotids_gy), stem_cell_ntcp(mean_stem_gy)
+    p_xer = (1.0 - STEM_SHARE) * p_mean + STEM_SHARE * p_stem
+    p_dys = dysphagia_ntcp(mean_constrictor_s_gy, mean_supraglottic_gy)
+    p_lc = local_control_tcp(ctv70_eud_gy, gtv_volume_cc)
+    oracle = {
+        "xerostomia": {"probability": round(p_xer, 6), "model": MODELS["xerostomia"]["form"],
+                       "components": {schema.MECHANISM_PAROTID_MEAN: round(p_mean, 6),
+                                      schema.MECHANISM_STEM_CELL_REGION: round(p_stem, 6)}},
+        "dysphagia": {"probability": round(p_dys, 6), "model": MODELS["dysphagia"]["form"],
+                      "components": {schema.MECHANISM_DYSPHAGIA: round(p_dys, 6)}},
+        "local_control": {"probability": round(p_lc, 6), "model": MODELS["local_control"]["form"],
+                          "components": {schema.MECHANISM_TCP: round(p_lc, 6)}},
     }
-    out = {}
-    for name, (probability, model) in models.items():
+    outcomes, mechanisms = {}, {}
+    for name in schema.ENDPOINTS:
         u = float(rng.random())
-        out[name] = {"probability": round(probability, 4), "event": bool(u < probability), "model": model}
-    return out
-
-
-def reviewer_labels(rng: np.random.Generator, true_verdict: str, *, upgrade_pct: float, downgrade_pct: float,
-                    central_raters: int = 2, central_error_pct: float = 5.0) -> dict:
-    """Labels of the site's own reviewer and of central reviewers: each grades one step more or less severe
-    than the truth with the given chances. The consensus is the median label."""
-    truth = SEVERITIES.index(true_verdict)
-
-    def rate(up_pct: float, down_pct: float) -> str:
-        u = float(rng.random()) * 100.0
-        step = 1 if u < up_pct else (-1 if u < up_pct + down_pct else 0)
-        return SEVERITIES[min(max(truth + step, 0), len(SEVERITIES) - 1)]
-
-    labels = [rate(upgrade_pct, downgrade_pct)] + [
-        rate(central_error_pct, central_error_pct) for _ in range(central_raters)
-    ]
-    consensus = SEVERITIES[int(np.median([SEVERITIES.index(label) for label in labels]))]
-    return {"site_reviewer": labels[0], "central_reviewers": labels[1:], "consensus": consensus,
-            "true": true_verdict, "site_reviewer_correct": labels[0] == true_verdict}
+        outcomes[name] = int(u < oracle[name]["probability"])
+    u_cause = float(rng.random())
+    share_stem = STEM_SHARE * p_stem / p_xer if p_xer > 0 else 0.0
+    mechanisms["xerostomia"] = {
+        "contributing": [schema.MECHANISM_PAROTID_MEAN, schema.MECHANISM_STEM_CELL_REGION],
+        "stem_cell_share": round(share_stem, 6),
+        "cause": (schema.MECHANISM_STEM_CELL_REGION if u_cause < share_stem else schema.MECHANISM_PAROTID_MEAN)
+        if outcomes["xerostomia"] else None,
+    }
+    mechanisms["dysphagia"] = {"contributing": [schema.MECHANISM_DYSPHAGIA],
+                               "cause": schema.MECHANISM_DYSPHAGIA if outcomes["dysphagia"] else None}
+    mechanisms["local_control"] = {"contributing": [schema.MECHANISM_TCP], "cause": None}
+    return {"oracle": oracle, "outcomes": outcomes, "mechanisms": mechanisms}

@@ -55,7 +55,11 @@ def _contour_item(contour: SliceContour, ct: CtSeries, number: int) -> Dataset:
     return item
 
 
-def structure_set(phantom: Phantom, grid: Grid, ct: CtSeries, ctx: StudyContext, *, uid_key: str) -> StructureSet:
+def structure_set(phantom: Phantom, grid: Grid, ct: CtSeries, ctx: StudyContext, *, uid_key: str,
+                  written_names: dict[str, str] | None = None) -> StructureSet:
+    """written_names maps the phantom's structure names to the ROI names written (a planted laterality swap);
+    a structure absent from it is not written (a planted missing OAR). None writes every structure as named.
+    roi_numbers and volumes_cc are keyed by the phantom's names."""
     ds = base_dataset(
         ctx, sop_class_uid=RT_STRUCTURE_SET_STORAGE, sop_instance_uid=synth_uid(uid_key, "rtstruct"),
         modality="RTSTRUCT", series_instance_uid=synth_uid(uid_key, "rtstruct-series"), series_number=2,
@@ -86,6 +90,9 @@ def structure_set(phantom: Phantom, grid: Grid, ct: CtSeries, ctx: StudyContext,
     roi_numbers: dict[str, int] = {}
     volumes_cc: dict[str, float] = {}
     for number, (name, structure) in enumerate(phantom.structures.items(), start=1):
+        written = name if written_names is None else written_names.get(name)
+        if written is None:
+            continue
         contours, voxels = trace(structure.shape, grid)
         if not contours:
             continue
@@ -94,7 +101,7 @@ def structure_set(phantom: Phantom, grid: Grid, ct: CtSeries, ctx: StudyContext,
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = ctx.frame_of_reference_uid
-        roi.ROIName = name
+        roi.ROIName = written
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
         rois.append(roi)
         roi_contour = Dataset()
@@ -107,7 +114,7 @@ def structure_set(phantom: Phantom, grid: Grid, ct: CtSeries, ctx: StudyContext,
         obs = Dataset()
         obs.ObservationNumber = number
         obs.ReferencedROINumber = number
-        obs.ROIObservationLabel = name
+        obs.ROIObservationLabel = written
         obs.RTROIInterpretedType = structure.rt_roi_interpreted_type
         obs.ROIInterpreter = ""
         observations.append(obs)

@@ -200,3 +200,21 @@ class Offset(Shape):
 
     def phi(self, x, y, z):
         return self.base.phi(x, y, z) - self.margin_mm
+
+
+@dataclass(frozen=True)
+class Translate(Shape):
+    """The shape moved by offset_mm (x, y, z): a systematic contouring shift."""
+
+    base: Shape
+    offset_mm: tuple[float, float, float]
+
+    @property
+    def bounds(self) -> Bounds:
+        lo, hi = self.base.bounds
+        o = np.asarray(self.offset_mm)
+        return tuple(np.asarray(lo) + o), tuple(np.asarray(hi) + o)
+
+    def phi(self, x, y, z):
+        ox, oy, oz = self.offset_mm
+        return self.base.phi(x - ox, y - oy, z - oz)
