@@ -1,0 +1,103 @@
+"""The worker produces the report objects for each job and dispatch sends each destination the outputs it is
+configured for; DCMTK storescp accepts every kind over C-STORE; a new revision's SR names the earlier one."""
+
+from __future__ import annotations
+
+import pydicom
+import pytest
+from conftest import dicom_files
+from pipeline_helpers import new_plan_revision, start_receiver
+from report_helpers import dciodvfy_errors, hn_review, synth_plan_study
+
+from rtqa_node.assemble import all_keys, evaluate
+from rtqa_node.config import Destination, load_settings
+from rtqa_node.dispatch import dispatch_revision
+from rtqa_node.report.outputs import result_uid
+from rtqa_node.store import Store
+from rtqa_node.store.store import Arrival
+from rtqa_node.worker import Worker
+
+SOP_CLASSES = {"sr": "1.2.840.10008.5.1.4.1.1.88.34", "riskmap_rtdose": "1.2.840.10008.5.1.4.1.1.481.2",
+               "parametric_map": "1.2.840.10008.5.1.4.1.1.30", "pdf": "1.2.840.10008.5.1.4.1.1.104.1"}
+
+
+def _import(store: Store, files) -> list[str]:
+    for path in files:
+        store.import_file(path, Arrival(calling_ae="TPS_A"))
+    with store.index.transaction() as conn:
+        for key in all_keys(conn):
+            evaluate(conn, key, stable_age_s=0.0, job_max_attempts=2)
+    return [r[0] for r in store.index.query("SELECT id FROM plan_studies ORDER BY id")]
+
+
+def _drain(worker: Worker) -> None:
+    for _ in range(20):
+        if worker.run_once() is None:
+            return
+
+
+@pytest.fixture
+def node(tmp_path):
+    folder = synth_plan_study(tmp_path / "synth")
+    store = Store(tmp_path / "data")
+    yield folder, tmp_path / "data", store
+    store.close()
+
+
+def test_each_destination_gets_the_outputs_it_is_configured_for_and_storescp_accepts_them(node, tmp_path):
+    folder, data_dir, store = node
+    tps, pacs = start_receiver(tmp_path / "tps"), start_receiver(tmp_path / "pacs")
+    try:
+        (ps_id,) = _import(store, dicom_files(folder))
+        every_output = ("sr", "riskmap_rtdose", "parametric_map", "pdf")
+        tps_dest = Destination(host="127.0.0.1", port=tps.port, ae_title="TPS", outputs=every_output)
+        pacs_dest = Destination(host="127.0.0.1", port=pacs.port, ae_title="TPS", outputs=("sr", "parametric_map",
+                                                                                             "pdf"))
+        settings = load_settings(None, data_dir=data_dir, destinations={"TPS_A": tps_dest},
+                                 default_destination=pacs_dest)
+        worker = Worker(settings, review=lambda files: hn_review())
+        try:
+            _drain(worker)
+        finally:
+            worker.close()
+        outbox = {r["sop_class_uid"]: r for r in store.index.query("SELECT * FROM outbox")}
+        assert set(outbox) == set(SOP_CLASSES.values())  # the union of what the destinations want
+        for kind, sop_class in SOP_CLASSES.items():
+            uid = result_uid(ps_id, 1, "review" if kind == "sr" else kind)
+            assert outbox[sop_class]["sop_instance_uid"] == uid
+            assert dciodvfy_errors(data_dir / outbox[sop_class]["path"]) == [], kind
+        assert (data_dir / "outbox" / ps_id / "r1-summary.pdf").read_bytes().startswith(b"%PDF")
+        # the plan came from TPS_A: its destination got all four kinds over C-STORE (DCMTK storescp)
+        received = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in tps.out_dir.iterdir()}
+        assert received == set(SOP_CLASSES.values())
+        # the same revision dispatched to the PACS-style destination: SR, Parametric Map and PDF only
+        as_pacs = load_settings(None, data_dir=data_dir, default_destination=pacs_dest)
+        outcome = dispatch_revision(as_pacs, store.index, ps_id, 1)
+        assert outcome.objects == 3
+        received = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in pacs.out_dir.iterdir()}
+        assert received == {SOP_CLASSES[k] for k in ("sr", "parametric_map", "pdf")}
+    finally:
+        tps.stop()
+        pacs.stop()
+
+
+def test_a_new_revision_sr_references_the_sr_it_supersedes(node, tmp_path):
+    folder, data_dir, store = node
+    settings = load_settings(None, data_dir=data_dir, shadow_mode=True)
+    (ps_id,) = _import(store, dicom_files(folder))
+    worker = Worker(settings, review=lambda files: hn_review())
+    try:
+        _drain(worker)
+        new_plan_revision(folder / "RP.dcm", tmp_path / "rp2.dcm")
+        assert _import(store, [tmp_path / "rp2.dcm"]) == [ps_id]
+        _drain(worker)
+    finally:
+        worker.close()
+    rows = store.index.query("SELECT revision, path FROM outbox WHERE sop_class_uid = ? ORDER BY revision",
+                             (SOP_CLASSES["sr"],))
+    assert [r["revision"] for r in rows] == [1, 2]
+    second = pydicom.dcmread(data_dir / rows[1]["path"])
+    (pre,) = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert pre.ReferencedSOPInstanceUID == result_uid(ps_id, 1, "review")
+    assert second.SOPInstanceUID == result_uid(ps_id, 2, "review")
+    assert dciodvfy_errors(data_dir / rows[1]["path"]) == []
