@@ -117,23 +117,32 @@ def rasterise_plane(polygons: list[np.ndarray], lattice: Lattice, row_samples: i
 
     Exact along x (span lengths inside each pixel), ``row_samples`` scanlines per pixel row along y.
     """
+    return rasterise_planes([polygons], lattice, row_samples)[0]
+
+
+def rasterise_planes(planes: list[list[np.ndarray]], lattice: Lattice, row_samples: int = 2) -> np.ndarray:
+    """:func:`rasterise_plane` for several planes at once (P, ny, nx): one vectorised pass over every edge of
+    every plane, the plane index a part of the scanline key (no per-plane numpy call overhead)."""
     d = lattice.delta_mm
     n_lines = lattice.ny * row_samples
     line_y0 = lattice.y0_mm - d / 2 + d / (2 * row_samples)
     line_dy = d / row_samples
-    xa, ya, xb, yb = [], [], [], []
-    for poly in polygons:
-        p = np.asarray(poly, dtype=np.float64)
-        if len(p) < 3:
-            continue
-        q = np.roll(p, -1, axis=0)
-        xa.append(p[:, 0]); ya.append(p[:, 1]); xb.append(q[:, 0]); yb.append(q[:, 1])
-    out = np.zeros((lattice.ny, lattice.nx), dtype=np.float32)
+    xa, ya, xb, yb, pl = [], [], [], [], []
+    for k, polygons in enumerate(planes):
+        for poly in polygons:
+            p = np.asarray(poly, dtype=np.float64)
+            if len(p) < 3:
+                continue
+            q = np.roll(p, -1, axis=0)
+            xa.append(p[:, 0]); ya.append(p[:, 1]); xb.append(q[:, 0]); yb.append(q[:, 1])
+            pl.append(np.full(len(p), k, dtype=np.int64))
+    n_planes = len(planes)
+    width = lattice.nx + 1
     if not xa:
-        return out
-    xa, ya, xb, yb = (np.concatenate(v) for v in (xa, ya, xb, yb))
+        return np.zeros((n_planes, lattice.ny, lattice.nx), dtype=np.float32)
+    xa, ya, xb, yb, pl = (np.concatenate(v) for v in (xa, ya, xb, yb, pl))
     keep = ya != yb  # horizontal edges never cross a scanline under the half-open rule
-    xa, ya, xb, yb = xa[keep], ya[keep], xb[keep], yb[keep]
+    xa, ya, xb, yb, pl = xa[keep], ya[keep], xb[keep], yb[keep], pl[keep]
     ymin, ymax = np.minimum(ya, yb), np.maximum(ya, yb)
     # scanlines s with ymin <= y_s < ymax (half-open: a vertex on a line is counted by exactly one edge there)
     s_lo = np.clip(np.ceil((ymin - line_y0) / line_dy), 0, n_lines).astype(np.int64)
@@ -141,31 +150,32 @@ def rasterise_plane(polygons: list[np.ndarray], lattice: Lattice, row_samples: i
     counts = s_hi - s_lo
     total = int(counts.sum())
     if total == 0:
-        return out
+        return np.zeros((n_planes, lattice.ny, lattice.nx), dtype=np.float32)
     edge = np.repeat(np.arange(len(counts)), counts)
     starts = np.cumsum(counts) - counts
     s = s_lo[edge] + (np.arange(total) - starts[edge])
     y = line_y0 + s * line_dy
     x = xa[edge] + (y - ya[edge]) * (xb[edge] - xa[edge]) / (yb[edge] - ya[edge])
-    order = np.lexsort((x, s))
-    s, x = s[order], x[order]
-    first_of_line = np.searchsorted(s, s, side="left")
+    line = pl[edge] * n_lines + s  # scanline key over all planes
+    order = np.lexsort((x, line))
+    line, x = line[order], x[order]
+    first_of_line = np.searchsorted(line, line, side="left")
     sign = np.where((np.arange(total) - first_of_line) % 2 == 0, 1.0, -1.0)
     u = (x - (lattice.x0_mm - d / 2)) / d  # in pixels from the left edge of pixel 0
     j = np.floor(u)
     f = u - j
     j = j.astype(np.int64)
-    row = s // row_samples
-    width = lattice.nx + 1
+    row = line // row_samples  # plane * ny + row
     left = j < 0
     j_c = np.where(left, 0, j)
     w0 = np.where(left, sign, sign * (1.0 - f))
     w1 = np.where(left, 0.0, sign * f)
     inside = j < lattice.nx
-    acc = np.bincount((row * width + j_c)[inside], weights=w0[inside], minlength=lattice.ny * width)
+    size = n_planes * lattice.ny * width
+    acc = np.bincount((row * width + j_c)[inside], weights=w0[inside], minlength=size)
     inside1 = inside & (j_c + 1 < width)
-    acc += np.bincount((row * width + j_c + 1)[inside1], weights=w1[inside1], minlength=lattice.ny * width)
-    cov = np.cumsum(acc.reshape(lattice.ny, width), axis=1)[:, : lattice.nx] / row_samples
+    acc += np.bincount((row * width + j_c + 1)[inside1], weights=w1[inside1], minlength=size)
+    cov = np.cumsum(acc.reshape(n_planes, lattice.ny, width), axis=2)[:, :, : lattice.nx] / row_samples
     return np.clip(cov, 0.0, 1.0).astype(np.float32)
 
 
@@ -298,7 +308,7 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
     lattice, _ = _choose_lattice(planes, reference, settings, n_z_for)
     step = step_for(lattice.delta_mm)
     d = lattice.delta_mm
-    cov = [rasterise_plane(polys, lattice, settings.row_samples) for _, polys in planes]
+    cov = list(rasterise_planes([polys for _, polys in planes], lattice, settings.row_samples))
     area = np.asarray([c.sum(dtype=np.float64) for c in cov]) * d * d
     sdf = (_windowed_signed_distances(cov, d) if settings.interpolation != Interpolation.SLAB
            else [None] * len(cov))
