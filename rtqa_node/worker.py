@@ -39,10 +39,10 @@ from pydicom.dataset import Dataset
 from rtqa_node.config import Destination, Settings
 from rtqa_node.dispatch import DISPATCH_PRIORITY, dispatch_revision, outbox_path
 from rtqa_node.errors import InputError, PermanentError, RetryableError
+from rtqa_node.queue import Job, JobKind, JobState, LeaseLost, Queue, enqueue
 from rtqa_node.report.kinds import KIND_BY_SOP_CLASS
 from rtqa_node.report.outputs import RESULT_VERSION, UID_KIND, result_uid
 from rtqa_node.review import Finding, Review, Severity
-from rtqa_node.queue import Job, JobKind, JobState, LeaseLost, Queue, enqueue
 from rtqa_node.store import files as durable
 from rtqa_node.store.index import Index
 

@@ -4,8 +4,6 @@ chains."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pydicom
 import pytest

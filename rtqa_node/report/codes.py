@@ -13,9 +13,9 @@ which highdicom selects by itself).
 
 from __future__ import annotations
 
+from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from highdicom.sr import CodedConcept
 
 from rtqa_node.review import Severity, Verdict
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from rtqa_node.report import render, riskmap, sr
 from rtqa_node.report.kinds import OUTPUT_KINDS, PARAMETRIC_MAP, PDF, RISKMAP_RTDOSE, SR
@@ -129,7 +130,8 @@ def write_review_outputs(review: Review, study: PlanStudy, out_dir: Path, *, pla
     for path in sorted(out_dir.glob(f"{plan_study_id}-r*-{SR}.dcm")):
         try:
             earlier = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:
+        except (OSError, InvalidDicomError) as exc:
+            log.warning("earlier_sr_unreadable", extra={"file": path.name, "error": type(exc).__name__})
             continue
         if str(earlier.SOPInstanceUID) != new_uid and int(earlier.get("InstanceNumber", 0) or 0) <= revision:
             predecessors.append(earlier)

@@ -16,7 +16,7 @@ import io
 import re
 import textwrap
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pydicom
@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 import rtqa_node
+from rtqa_node.errors import InputError
 from rtqa_node.report.kinds import ENCAPSULATED_PDF_STORAGE
 from rtqa_node.report.riskmap import RiskMap
 from rtqa_node.review import Review, Severity, Verdict
@@ -70,7 +71,7 @@ def _dvh_axes(ax, review: Review, study: PlanStudy | None) -> None:
         try:
             dose = plan_dose(study)
             dose.require_gy()
-        except Exception:
+        except InputError:
             dose = None
     if dose is None:
         ax.text(0.5, 0.5, "no dose in Gy: no DVH", ha="center", va="center", transform=ax.transAxes)
@@ -89,7 +90,7 @@ def _dvh_axes(ax, review: Review, study: PlanStudy | None) -> None:
             continue
         try:
             dvh = structure_dvh(structure, dose).dvh
-        except (ValueError, Exception):
+        except (ValueError, InputError):  # no contours inside the grid, a non-Gy dose: no curve, not an error
             continue
         (line,) = ax.plot(dvh.dose_gy, dvh.volume_pct, lw=1.2, label=name, color=f"C{i % 10}")
         colours[name] = line.get_color()
@@ -142,7 +143,7 @@ def _representative_frames(risk: RiskMap | None, study: PlanStudy | None, n: int
     if study is not None and study.doses:
         try:
             dose = plan_dose(study)
-        except Exception:
+        except InputError:
             return [], ""
         k = int(np.unravel_index(np.argmax(dose.dose), dose.dose.shape)[0])
         return [float(dose.geometry.z_positions_mm[k])], "dose maximum"
@@ -239,7 +240,7 @@ def render_summary(review: Review, study: PlanStudy | None, risk: RiskMap | None
 def encapsulated_pdf(pdf_bytes: bytes, plan: Dataset, *, sop_instance_uid: str, series_instance_uid: str,
                      instance_number: int, document_title: str) -> Dataset:
     """An Encapsulated PDF object (PS3.3 A.45.1) in the plan's patient and study."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ENCAPSULATED_PDF_STORAGE

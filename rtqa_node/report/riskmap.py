@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import highdicom as hd
 import numpy as np
@@ -151,7 +151,7 @@ def riskmap_rtdose(risk: RiskMap, plan: Dataset, *, sop_instance_uid: str,
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     if plan.get("SpecificCharacterSet"):
         ds.SpecificCharacterSet = plan.SpecificCharacterSet
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     ds.SOPClassUID = RT_DOSE_STORAGE
     ds.SOPInstanceUID = sop_instance_uid
     ds.InstanceCreationDate = now.strftime("%Y%m%d")

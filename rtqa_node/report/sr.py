@@ -39,6 +39,7 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 import rtqa_node
 from rtqa_node.report import codes
@@ -71,7 +72,7 @@ def read_evidence(paths: Sequence[Path]) -> list[Dataset]:
     for path in paths:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=list(EVIDENCE_KEYWORDS))
-        except Exception:
+        except (OSError, InvalidDicomError):  # not a DICOM file: not evidence
             continue
         if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
             continue
