@@ -35,13 +35,20 @@ log = logging.getLogger(__name__)
 ALGORITHM_VERSION = "rtqa-checks-1"
 
 
-def _pick(study: PlanStudy) -> tuple[Plan | None, StructureSet | None, DoseGrid | None, str | None]:
+def _pick(study: PlanStudy) -> tuple[Plan | None, StructureSet | None, DoseGrid | None, str | None, bool]:
+    """(plan, structure set, plan dose, why there is no dose, whether the dose references another plan)."""
     plan = study.plans[0] if study.plans else None
-    dose, dose_error = None, None
+    dose, dose_error, foreign = None, None, False
     try:
         dose = plan_dose(study, plan) if study.doses else None
     except InputError as exc:
         dose_error = str(exc)
+        if plan is not None and study.doses and not any(
+                d.referenced_plan_uid in (None, plan.sop_instance_uid) for d in study.doses):
+            try:
+                dose, dose_error, foreign = plan_dose(study, None), None, True
+            except InputError as exc2:
+                dose_error = str(exc2)
     structure_set = None
     if study.structure_sets:
         if plan is not None:
@@ -54,7 +61,7 @@ def _pick(study: PlanStudy) -> tuple[Plan | None, StructureSet | None, DoseGrid 
                 structure_set = None
         if structure_set is None:
             structure_set = study.structure_sets[0]
-    return plan, structure_set, dose, dose_error
+    return plan, structure_set, dose, dose_error, foreign
 
 
 def _rx(plan: Plan | None, matches: dict[str, NameMatch], by_display: dict[str, Structure],
@@ -95,8 +102,11 @@ def review_plan_study(study: PlanStudy, *, protocol: Protocol | None = None,
     """
     t0 = time.perf_counter()
     findings: list[Finding] = []
-    plan, structure_set, dose, dose_error = _pick(study)
+    plan, structure_set, dose, dose_error, foreign = _pick(study)
     findings += integrity.components(study, plan, structure_set, dose, dose_error)
+    if foreign:
+        findings.append(Finding("integrity.dose_of_another_plan", Severity.MAJOR,
+                                "no RTDOSE references the reviewed plan; the dose present references another plan"))
     findings += integrity.frame_of_reference(study, plan, structure_set, dose)
     findings += integrity.plan_fields(plan, dose)
     metrics: dict = {"objects": {"CT": study.ct.geometry.shape[0] if study.ct else 0,
