@@ -44,8 +44,14 @@ def test_every_structure_gets_a_dvh_and_volumes_agree_with_eclipse(breast):
         tps_cc = vendor[number].volume[0]
         planes = len(breast.structure_set.by_number(number).planes())
         rel = abs(r.metrics.volume_cc / tps_cc - 1)
-        if number == 1:  # BODY: 5.6 % above Eclipse's DVH volume (unexplained; XOR and clipping ruled out)
-            assert rel < 0.07
+        if number == 1:
+            # BODY: 5.6 % above Eclipse's DVH volume. Not geometry: our volume is the polygons' own (trapezoidal
+            # sum of the contour areas 14736 cc vs 14731 cc), the nested contours are < 0.1 % of it (XOR or union
+            # makes no difference), no BODY point lies outside the dose grid of this chain. The whole excess sits
+            # in the volume receiving < 0.1 Gy: at every dose level from 0.5 Gy to 14 Gy the two DVHs agree within 4 cc
+            # (test_body_dvh_agrees_with_eclipse_above_the_low_dose_tail), so Eclipse leaves out part of the
+            # (nearly) unirradiated BODY, e.g. outside its dose calculation volume, which the RTDOSE does not show.
+            assert rel < 0.06
         elif planes >= 10:  # Eclipse does not cap the ends (Nelms' ReadMe): EndCap.NONE, within 1.5 %
             assert rel < 0.015, (r.metrics.structure, r.metrics.volume_cc, tps_cc)
         else:  # 2-6 contour planes: shape interpolation conventions dominate
@@ -75,6 +81,21 @@ def test_dvh_agrees_with_eclipse_dvh_sequence_curves(breast):
         # the DVH max is the grid max for BODY, and the % summary trap: DVHMaximumDose is 104.86 (% of 14 Gy)
     body = results[1].metrics
     assert abs(body.max_gy - dose.max_gy) < 0.01
+
+
+def test_body_dvh_agrees_with_eclipse_above_the_low_dose_tail(breast):
+    """The BODY volume differs from Eclipse's only below 0.1 Gy (see the volume test): V(D) in cc agrees within
+    0.5 % of V(D), or 4 cc, at every 0.1 Gy step from 0.5 Gy to the prescription (14 Gy); that is 0.03 % of
+    the BODY, against the 787 cc (5.6 %) by which the totals differ."""
+    dose = breast.doses[0]
+    vendor = next(v for v in dose.dvh_sequence if v.referenced_roi_number == 1)
+    body = compute_study_dvhs(breast, RasterSettings(end_cap=EndCap.NONE))[0].structures[0]
+    assert body.metrics.roi_number == 1
+    edges = vendor.bin_edges_gy[:-1]
+    for d_gy in np.arange(0.5, 14.05, 0.1):
+        vendor_cc = float(np.interp(d_gy, edges, vendor.volume))
+        ours_cc = body.dvh.volume_at_dose_cc(float(d_gy))
+        assert abs(ours_cc - vendor_cc) <= max(0.005 * vendor_cc, 4.0), (round(float(d_gy), 1), ours_cc, vendor_cc)
 
 
 def test_full_ct_chain_loads_jpeg2000_ct(rt_data):
