@@ -127,3 +127,18 @@ def test_no_risk_map_without_an_organ_limit_or_a_dose(rt_data, tmp_path):
     paths = write_review_outputs(Review(findings=(), protocol=None), study, tmp_path, plan_study_id="ps-e",
                                  revision=1, kinds=("sr", "riskmap_rtdose", "parametric_map"))
     assert [p.name for p in paths] == ["ps-e-r1-sr.dcm"]
+
+
+def test_riskmap_resolves_the_reviews_tg263_names_to_the_plans_structures(rt_data):
+    study = load_folder(rt_data / "eclipse-breast-boost-fullct-weasis")
+    # the checks grade "Lung_L"; the plan calls it "Lt Lung" (review.metrics["names"], rtqa_node/checks)
+    review = Review(findings=(), protocol="TEST-BREAST",
+                    constraints=(ConstraintResult("lung_mean", "Lung_L+Heart", "Dmean", 3.1, "Gy", "<= 1 Gy", None,
+                                                  Severity.MAJOR),),
+                    metrics={"names": {"Lt Lung": {"standard": "Lung_L", "how": "synonym"},
+                                       "Heart": {"standard": "Heart", "how": "exact"}}})
+    risk = oar_excess_risk_map(review, study)
+    assert risk is not None and risk.limits_gy == (("Lung_L+Heart", 1.0),)
+    without_lung = oar_excess_risk_map(Review(findings=(), protocol="T", constraints=(
+        ConstraintResult("heart", "Heart", "Dmean", 3.1, "Gy", "<= 1 Gy", None, Severity.MAJOR),)), study)
+    assert np.count_nonzero(risk.values) > np.count_nonzero(without_lung.values) > 0

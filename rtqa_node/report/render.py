@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 import rtqa_node
 from rtqa_node.errors import InputError
 from rtqa_node.report.kinds import ENCAPSULATED_PDF_STORAGE
-from rtqa_node.report.riskmap import RiskMap
+from rtqa_node.report.riskmap import RiskMap, plan_structures
 from rtqa_node.review import Review, Severity, Verdict
 from rtqa_node.rt.plan_study import PlanStudy, plan_dose
 
@@ -82,18 +82,19 @@ def _dvh_axes(ax, review: Review, study: PlanStudy | None) -> None:
     wanted += [f.structure for f in review.findings if f.structure]
     if not wanted:  # no protocol: targets and organs the plan itself names
         wanted = [s.name for s in structure_set.structures if s.interpreted_type in ("PTV", "ORGAN", "CTV")]
-    names = list(dict.fromkeys(wanted))[:MAX_DVH_STRUCTURES]
-    colours = {}
-    for i, name in enumerate(names):
-        structure = next((s for s in structure_set.structures if s.name == name and s.has_volume), None)
-        if structure is None:
-            continue
-        try:
-            dvh = structure_dvh(structure, dose).dvh
-        except (ValueError, InputError):  # no contours inside the grid, a non-Gy dose: no curve, not an error
-            continue
-        (line,) = ax.plot(dvh.dose_gy, dvh.volume_pct, lw=1.2, label=name, color=f"C{i % 10}")
-        colours[name] = line.get_color()
+    names = list(dict.fromkeys(wanted))
+    colours: dict[str, str] = {}
+    for name in names:
+        for structure in plan_structures(review, structure_set.structures, name):
+            if len(colours) == MAX_DVH_STRUCTURES:
+                break
+            try:
+                dvh = structure_dvh(structure, dose).dvh
+            except (ValueError, InputError):  # no contours inside the grid, a non-Gy dose: no curve, no error
+                continue
+            label = structure.name if structure.name == name else f"{structure.name} ({name})"
+            (line,) = ax.plot(dvh.dose_gy, dvh.volume_pct, lw=1.2, label=label, color=f"C{len(colours) % 10}")
+            colours.setdefault(name, line.get_color())
     for c in review.constraints:
         match = _LIMIT.match(c.per_protocol or "")
         if not match or c.structure not in colours:

@@ -6,7 +6,8 @@ quantity, labelled as such everywhere it appears (:data:`OAR_EXCESS_QUANTITY`):
     r(x) = clip((D(x) - T_s) / T_s, 0, 1)  for x inside organ at risk s (occupancy >= 0.5), else 0,
 
 with D the plan dose on the dose grid (Gy) and T_s the tightest upper dose limit that applies to s: the smallest
-"<= X Gy" / "< X Gy" per-protocol limit among the review's constraints on s, or, without a protocol, the
+"<= X Gy" / "< X Gy" per-protocol limit among the review's constraints on s (TG-263 names resolved to the plan's
+structures through ``review.metrics["names"]``; a limit on "A+B" applies to both), or, without a protocol, the
 plan's own Organ at Risk Maximum Dose / Delivery Maximum Dose (RT Prescription module, PS3.3 C.8.8.10). Where
 several organs overlap the larger value counts. 0 = at or below the limit, 1 = 100 % or more above it.
 
@@ -40,7 +41,7 @@ from rtqa_node.errors import InputError
 from rtqa_node.report import codes
 from rtqa_node.review import Review
 from rtqa_node.rt.geometry import rasterise_to_grid
-from rtqa_node.rt.plan_study import RT_DOSE_STORAGE, GridGeometry, PlanStudy, plan_dose
+from rtqa_node.rt.plan_study import RT_DOSE_STORAGE, GridGeometry, PlanStudy, Structure, plan_dose
 
 OAR_EXCESS_QUANTITY = ("OAR dose excess over the tightest applicable limit, (D - T)/T clipped to [0, 1]; "
                        "not dose (no spatial model yet)")
@@ -97,6 +98,15 @@ def applicable_limits_gy(review: Review, study: PlanStudy) -> dict[str, float]:
     return limits
 
 
+def plan_structures(review: Review, structures: Sequence[Structure], name: str) -> list[Structure]:
+    """The plan's structures a review names: constraints use TG-263 names (``Lung_L``), joined with "+" for
+    combined organs (``Parotid_L+Parotid_R``); ``review.metrics["names"]`` maps each plan name to its TG-263
+    name (rtqa_node/checks). A plan name that is itself the name given matches too."""
+    standard = {plan_name: (m or {}).get("standard") for plan_name, m in review.metrics.get("names", {}).items()}
+    wanted = set(name.split("+"))
+    return [s for s in structures if s.has_volume and (s.name in wanted or standard.get(s.name) in wanted)]
+
+
 def oar_excess_risk_map(review: Review, study: PlanStudy) -> RiskMap | None:
     """The interim risk map (module docstring). None when it does not apply: no dose in Gy, no structure set,
     no organ with an upper dose limit, or a non-axial dose grid."""
@@ -114,13 +124,13 @@ def oar_excess_risk_map(review: Review, study: PlanStudy) -> RiskMap | None:
     values = np.zeros(dose.geometry.shape, dtype=np.float32)
     used = []
     for name, limit_gy in sorted(limits.items()):
-        structure = next((s for s in structure_set.structures if s.name == name and s.has_volume), None)
-        if structure is None:
-            continue
-        inside = rasterise_to_grid(structure, dose.geometry) >= 0.5
-        excess = np.clip((dose.dose - limit_gy) / limit_gy, 0.0, 1.0).astype(np.float32)
-        np.maximum(values, np.where(inside, excess, 0.0), out=values)
-        used.append((name, limit_gy))
+        structures = plan_structures(review, structure_set.structures, name)
+        for structure in structures:
+            inside = rasterise_to_grid(structure, dose.geometry) >= 0.5
+            excess = np.clip((dose.dose - limit_gy) / limit_gy, 0.0, 1.0).astype(np.float32)
+            np.maximum(values, np.where(inside, excess, 0.0), out=values)
+        if structures:
+            used.append((name, limit_gy))
     if not used:
         return None
     return RiskMap(values, dose.geometry, dose.frame_of_reference_uid, OAR_EXCESS_QUANTITY, tuple(used))
