@@ -13,8 +13,8 @@ log(1 + cc), positions in units of :data:`POSITION_SCALE_MM`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -24,10 +24,12 @@ PROTOCOL_FRACTIONS = 35
 
 #: TG-263 names known to the structure-name embedding; index 0 is "unknown", the last is the plan instance.
 STRUCTURE_VOCAB = (
-    "<unknown>", "External", "GTV_70", "CTV_70", "PTV_70", "CTV_56", "PTV_56", "SpinalCord", "Brainstem",
-    "Bone_Mandible", "Parotid_L", "Parotid_R", "Glnd_Submand_L", "Glnd_Submand_R", "Larynx", "Musc_Constrict",
-    "Cavity_Oral", "<plan>",
+    "<unknown>", "External", "GTV_70", "GTVn_70", "CTV_70", "PTV_70", "CTV_56", "PTV_56", "SpinalCord",
+    "Brainstem", "Bone_Mandible", "Parotid_L", "Parotid_R", "Glnd_Submand_L", "Glnd_Submand_R", "Larynx",
+    "Larynx_SG", "Glottis", "Musc_Constrict", "Musc_Constrict_S", "Musc_Constrict_M", "Musc_Constrict_I",
+    "Esophagus", "Cavity_Oral", "Cochlea_L", "Cochlea_R", "OpticNrv_L", "OpticNrv_R", "OpticChiasm", "<plan>",
 )
+MAX_TABULAR_INSTANCES = 40
 PLAN_INSTANCE = "<plan>"
 
 #: protocol constraints (HN-SYNTH-SIB-70-56 v1; the synthetic cohort's trial protocol): structure ->
@@ -121,10 +123,13 @@ def _margins(m: StructureMetrics) -> tuple[float, float]:
 
 
 def tabular_bag(metrics: Mapping[str, StructureMetrics], *, fractions: int | None,
-                max_instances: int = len(STRUCTURE_VOCAB)) -> Bag:
-    """One instance per structure (sorted by name) plus one plan instance (fractionation vs the protocol)."""
+                max_instances: int = MAX_TABULAR_INSTANCES) -> Bag:
+    """One instance per structure plus one plan instance (fractionation vs the protocol). Known (TG-263
+    vocabulary) names first, then unknown ones, each sorted; unknown names past ``max_instances`` are left out."""
     rows, names, index = [], [], []
-    for name in sorted(metrics):
+    known = sorted(n for n in metrics if n in STRUCTURE_VOCAB)
+    unknown = sorted(n for n in metrics if n not in STRUCTURE_VOCAB)
+    for name in (known + unknown)[: max_instances - 1]:
         m = metrics[name]
         if name == "External":
             continue  # the body: its dose statistics say nothing a target or an organ does not
@@ -142,8 +147,6 @@ def tabular_bag(metrics: Mapping[str, StructureMetrics], *, fractions: int | Non
                              deviation / 5.0])
     names.append(PLAN_INSTANCE)
     index.append(STRUCTURE_VOCAB.index(PLAN_INSTANCE))
-    if len(rows) > max_instances:
-        raise ValueError(f"{len(rows)} tabular instances exceed max_instances={max_instances}")
     x = np.zeros((max_instances, len(TABULAR_FEATURES)), dtype=np.float32)
     x[: len(rows)] = np.asarray(rows, dtype=np.float32)
     mask = np.zeros(max_instances, dtype=bool)

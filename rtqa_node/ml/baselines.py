@@ -4,9 +4,10 @@
 - published NTCP/TCP models with cited parameters (the synthetic cohort's own whole-organ models, so on that
   cohort they miss only what the planted spatial mechanism adds):
   xerostomia: LKB on the mean dose to both parotids, TD50 = 39.9 Gy, m = 0.40, n = 1 (Dijkema et al., IJROBP
-  2010); dysphagia: logistic on the pharyngeal constrictor mean, D50 = 60 Gy, gamma50 = 2.0 (in the style of
-  Christianen et al., Radiother Oncol 2012; illustrative); local control: logistic TCP on PTV_70 D95 with
-  TCD50 = 55 Gy x (GTV / 15 cc)^0.15, gamma50 = 2.5 (illustrative);
+  2010); dysphagia: S = -6.09 + 0.057 Dmean(Musc_Constrict_S) + 0.037 Dmean(Larynx_SG), p = 1/(1 + e^-S)
+  (Christianen et al., Radiother Oncol 2012;105:107, as the synthetic cohort reads it); local control:
+  logistic TCP, TCD50 = 55 Gy x (GTV / 15 cc)^0.15, gamma50 = 2.5 (illustrative), on CTV_70 D98 as a DVH
+  surrogate of the cohort's clonogen-weighted gEUD (a = -10), which whole-structure metrics cannot give;
 - L2-regularised logistic regression on the DVH metrics (multinomial for the verdict, on the soft labels);
 - MIL with mean pooling instead of attention: ``train.TrainConfig(model="tabular_mean")``.
 """
@@ -49,8 +50,9 @@ def published_models(dvh: np.ndarray) -> dict[str, np.ndarray]:
     gtv = np.maximum(dvh[:, _COL[("GTV_70", "volume_cc")]], 0.5)
     return {
         "xerostomia": lkb_ntcp(mean_parotids_gy(dvh)),
-        "dysphagia": logistic_response(dvh[:, _COL[("Musc_Constrict", "mean_gy")]], d50_gy=60.0, gamma50=2.0),
-        "local_control": logistic_response(dvh[:, _COL[("PTV_70", "d95_gy")]], d50_gy=55.0 * (gtv / 15.0) ** 0.15,
+        "dysphagia": 1.0 / (1.0 + np.exp(-(-6.09 + 0.057 * dvh[:, _COL[("Musc_Constrict_S", "mean_gy")]]
+                                            + 0.037 * dvh[:, _COL[("Larynx_SG", "mean_gy")]]))),
+        "local_control": logistic_response(dvh[:, _COL[("CTV_70", "d98_gy")]], d50_gy=55.0 * (gtv / 15.0) ** 0.15,
                                            gamma50=2.5),
     }
 
@@ -119,7 +121,7 @@ class DvhLogistic:
     verdict: LogisticModel
 
     @classmethod
-    def fit(cls, cohort: Cohort) -> "DvhLogistic":
+    def fit(cls, cohort: Cohort) -> DvhLogistic:
         from rtqa_node.ml.dataset import ENDPOINTS
 
         models = {}

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -42,9 +43,10 @@ ENDPOINTS = ("xerostomia", "dysphagia", "local_control")
 #: the DVH metrics the baselines see: (structure, metric) in Gy / cc, plus fractions
 DVH_COLUMNS = (
     ("Parotid_L", "mean_gy"), ("Parotid_R", "mean_gy"), ("Parotid_L", "volume_cc"), ("Parotid_R", "volume_cc"),
-    ("Musc_Constrict", "mean_gy"), ("Larynx", "mean_gy"), ("Cavity_Oral", "mean_gy"),
+    ("Musc_Constrict", "mean_gy"), ("Musc_Constrict_S", "mean_gy"), ("Larynx", "mean_gy"), ("Larynx_SG", "mean_gy"),
+    ("Cavity_Oral", "mean_gy"),
     ("Glnd_Submand_L", "mean_gy"), ("Glnd_Submand_R", "mean_gy"),
-    ("PTV_70", "d95_gy"), ("PTV_70", "d98_gy"), ("CTV_70", "d98_gy"), ("GTV_70", "volume_cc"),
+    ("PTV_70", "d95_gy"), ("PTV_70", "d98_gy"), ("CTV_70", "d98_gy"), ("CTV_70", "mean_gy"), ("GTV_70", "volume_cc"),
     ("SpinalCord", "max_gy"), ("Brainstem", "max_gy"),
 )
 
@@ -69,7 +71,7 @@ class Cohort:
     true_verdict: np.ndarray  # (P,) int64
     events: np.ndarray  # (P, 3) float32, ENDPOINTS order, NaN unknown
     oracle: np.ndarray  # (P, 3) float32 oracle probabilities (NaN: not a synthetic cohort)
-    stem_cell_component: np.ndarray  # (P,) float32 the sub-region mechanism's probability (NaN unknown)
+    stem_cell_share: np.ndarray  # (P,) float32 share of the xerostomia oracle risk from the sub-region (NaN unknown)
     stem_cell_cause: np.ndarray  # (P,) float32 1: xerostomia caused by the sub-region mechanism, 0: not, NaN unknown
     site: np.ndarray  # (P,) int64
     folder: np.ndarray  # (P,) str
@@ -77,7 +79,7 @@ class Cohort:
     def __len__(self) -> int:
         return int(self.tab_x.shape[0])
 
-    def subset(self, index: np.ndarray) -> "Cohort":
+    def subset(self, index: np.ndarray) -> Cohort:
         return Cohort(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     @property
@@ -95,7 +97,7 @@ class Cohort:
         np.savez(path, **{f.name: getattr(self, f.name) for f in fields(self)})
 
     @classmethod
-    def load(cls, path: Path) -> "Cohort":
+    def load(cls, path: Path) -> Cohort:
         with np.load(path, allow_pickle=False) as z:
             n = len(z["tab_x"])  # fields added after a cache was written load as unknown (NaN)
             return cls(**{f.name: z[f.name] if f.name in z else np.full(n, np.nan, dtype=np.float32)
@@ -109,7 +111,7 @@ class Labels:
     true_verdict: int
     events: tuple[float, float, float]
     oracle: tuple[float, float, float]
-    stem_cell_component: float
+    stem_cell_share: float
     stem_cell_cause: float
     site: int
 
@@ -134,12 +136,11 @@ def labels_from_truth(t: dict) -> Labels:
         else:
             events.append(float(out) if out is not None else float("nan"))
             oracle.append(float(t.get("oracle", {}).get(e, {}).get("probability", float("nan"))))
-    comp = t.get("oracle", {}).get("xerostomia", {}).get("components", {})
     cause = float("nan")
-    if "parotid_stem_cell_region" in comp:
-        stem = float(comp["parotid_stem_cell_region"])
-        mech = t.get("mechanisms", {}).get("xerostomia", {})
-        if isinstance(mech, dict) and "cause" in mech:
+    mech = t.get("mechanisms", {}).get("xerostomia", {})
+    if isinstance(mech, dict) and "parotid_stem_cell_region" in mech.get("contributing", ()):
+        stem = float(mech.get("stem_cell_share", float("nan")))
+        if "cause" in mech:
             cause = float(mech.get("cause") == "parotid_stem_cell_region")
     site = int(str(t.get("site_id", "SITE01"))[4:] or 1) - 1
     return Labels(reviewers, consensus, v(t["true_verdict"]), tuple(events), tuple(oracle), stem, cause, site)
@@ -166,7 +167,7 @@ def protocol_verdict(dvh: np.ndarray) -> np.ndarray:
 
 def _synth_source_digest() -> str:
     import rtqa_node.ml.bags as bags_module
-    import rtqa_node.synth as synth
+    from rtqa_node import synth
 
     h = hashlib.sha256()
     for p in sorted(Path(synth.__file__).parent.glob("*.py")) + [Path(bags_module.__file__)]:
@@ -209,23 +210,60 @@ def _stack(records: list[tuple[PatientBags, Labels, np.ndarray, np.ndarray | Non
         true_verdict=np.array([r[1].true_verdict for r in records], dtype=np.int64),
         events=np.array([r[1].events for r in records], dtype=np.float32),
         oracle=np.array([r[1].oracle for r in records], dtype=np.float32),
-        stem_cell_component=np.array([r[1].stem_cell_component for r in records], dtype=np.float32),
+        stem_cell_share=np.array([r[1].stem_cell_share for r in records], dtype=np.float32),
         stem_cell_cause=np.array([r[1].stem_cell_cause for r in records], dtype=np.float32),
         site=np.array([r[1].site for r in records], dtype=np.int64),
         folder=np.array([r[4] for r in records]),
     )
 
 
+CHUNK_PATIENTS = 25
+
+
 def simulate_cohort(*, patients: int, seed: int, sites: int = 3, first: int = 0,
                     cache_dir: Path | None = None) -> Cohort:
-    """Patients ``first .. first+patients-1`` of the synthetic cohort (seed, sites) as a :class:`Cohort`,
-    cached in ``cache_dir`` under a key that includes a digest of the generator's and bags' source."""
+    """Patients ``first .. first+patients-1`` of the synthetic cohort (seed, sites) as a :class:`Cohort`.
+
+    With ``cache_dir``, simulated in chunks of CHUNK_PATIENTS cached under a key that includes a digest of the
+    generator's and the bags' source, so an interrupted run resumes and parallel runs can share the work.
+    Patient i does not depend on the cohort size (synth contract), so chunks of larger cohorts are reused.
+    """
+    if cache_dir is None:
+        return _simulate(seed, sites, first, patients)
+    parts = []
+    for start in range(first, first + patients, CHUNK_PATIENTS):
+        chunk_first = start - start % CHUNK_PATIENTS
+        path = Path(cache_dir) / f"synth-s{seed}-k{sites}-c{chunk_first}-{CHUNK_PATIENTS}-{_synth_source_digest()}.npz"
+        if path.exists():
+            chunk = Cohort.load(path)
+        else:
+            chunk = _simulate(seed, sites, chunk_first, CHUNK_PATIENTS)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+            chunk.save(tmp)
+            tmp.replace(path)
+        lo = max(first, chunk_first) - chunk_first
+        hi = min(first + patients, chunk_first + CHUNK_PATIENTS) - chunk_first
+        parts.append(chunk.subset(np.arange(lo, hi)))
+    return concatenate(parts)
+
+
+def concatenate(parts: list[Cohort]) -> Cohort:
+    widths = {f.name: max(getattr(p, f.name).shape[1] for p in parts) for f in fields(Cohort)
+              if getattr(parts[0], f.name).ndim > 1 and f.name == "reviewers"}
+    out = {}
+    for f in fields(Cohort):
+        arrays = [getattr(p, f.name) for p in parts]
+        if f.name in widths:  # reviewers: pad to the widest panel with -1
+            arrays = [np.pad(a, ((0, 0), (0, widths[f.name] - a.shape[1])), constant_values=-1) for a in arrays]
+        out[f.name] = np.concatenate(arrays)
+    return Cohort(**out)
+
+
+def _simulate(seed: int, sites: int, first: int, patients: int) -> Cohort:
     from rtqa_node.synth.cohort import CohortConfig, simulate_patient
 
-    key = f"synth-s{seed}-k{sites}-p{first}-{patients}-{_synth_source_digest()}.npz"
-    if cache_dir is not None and (Path(cache_dir) / key).exists():
-        return Cohort.load(Path(cache_dir) / key)
-    config = CohortConfig(patients=first + patients, sites=sites, seed=seed)
+    config = CohortConfig(patients=max(first + patients, sites), sites=sites, seed=seed)
     site_profiles = config.site_profiles()
     records = []
     t0 = time.monotonic()
@@ -235,15 +273,9 @@ def simulate_cohort(*, patients: int, seed: int, sites: int = 3, first: int = 0,
         metrics = {n: m for n, o in p.truth["organs"].items() if (m := metrics_from_truth(n, o)) is not None}
         records.append((bags, labels_from_truth(p.truth), dvh_row(metrics, int(p.truth["plan"]["fractions"])),
                         _subregion_dose_mask(p), p.folder))
-    log.info("ml_cohort_simulated", extra={"patients": patients, "seed": seed,
+    log.info("ml_cohort_simulated", extra={"patients": patients, "first": first, "seed": seed,
                                             "elapsed_s": round(time.monotonic() - t0, 1)})
-    cohort = _stack(records)
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(cache_dir) / f".{key}.tmp.npz"
-        cohort.save(tmp)
-        tmp.replace(Path(cache_dir) / key)
-    return cohort
+    return _stack(records)
 
 
 def _truth_by_folder(folder: Path) -> dict[str, dict]:

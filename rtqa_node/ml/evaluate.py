@@ -20,7 +20,7 @@ from scipy.stats import rankdata
 
 from rtqa_node.ml.baselines import DvhLogistic, published_models, rule_only_verdict
 from rtqa_node.ml.dataset import ENDPOINTS, Cohort
-from rtqa_node.ml.mil import BINARY_TARGETS, TASKS, VERDICT_CLASSES
+from rtqa_node.ml.mil import TASKS, VERDICT_CLASSES
 from rtqa_node.ml.train import TrainedModel, batch_tensors, forward
 
 log = logging.getLogger(__name__)
@@ -152,10 +152,7 @@ def oracle_predictions(test: Cohort) -> CohortPredictions | None:
 
 def drives_risk(test: Cohort) -> np.ndarray:
     """(P,) bool: the planted sub-region mechanism gives >= DRIVES_RISK_SHARE of the xerostomia oracle risk."""
-    oracle = test.oracle[:, ENDPOINTS.index("xerostomia")]
-    comp = test.stem_cell_component
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = comp / np.maximum(oracle, 1e-6)
+    share = test.stem_cell_share
     return test.has_subregion & ~np.isnan(share) & (share >= DRIVES_RISK_SHARE)
 
 
@@ -177,7 +174,7 @@ def score(pred: CohortPredictions, test: Cohort, *, seed: int = 0) -> dict:
         known = ~np.isnan(y)
         y, p = y[known].astype(int), p[known]
         lo, hi = bootstrap_auc_ci(y, p, seed=seed)
-        entry = {"auc": auc(y, p), "auc_ci95": [lo, hi], "ece": ece(y, p), "n": int(len(y)), "events": int(y.sum())}
+        entry = {"auc": auc(y, p), "auc_ci95": [lo, hi], "ece": ece(y, p), "n": len(y), "events": int(y.sum())}
         if e == "xerostomia" and risk.any():
             sel = risk[known]
             entry["auc_planted_mechanism"] = auc(y[sel], p[sel])

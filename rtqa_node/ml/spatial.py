@@ -108,3 +108,11 @@ class SpatialMil(nn.Module):
     def forward(self, voxels, features, region, mask) -> SpatialOutput:
         z, out = self.encoder(voxels, features, region, mask)
         return SpatialOutput(self.heads(z), out.attention, out.region_attention, out.voxel_attention)
+
+
+def attention_entropy(voxel_attention: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the per-branch voxel distributions (B, K, N, V) -> scalar. Used as a sparsity
+    prior: MIL attention need not concentrate when pooled features already carry the signal, and a risk map
+    is only useful when it does."""
+    p = voxel_attention.flatten(2)  # (B, K, N*V)
+    return -(p * torch.log(p.clamp(min=1e-12))).sum(-1).mean()

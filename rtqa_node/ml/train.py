@@ -4,7 +4,8 @@ configuration, and the model card.
 Loss per patient: cross-entropy of the verdict logits against the reviewers' soft label (the fraction of
 reviewers who gave each verdict, so disagreement becomes uncertainty rather than noise), plus binary
 cross-entropy of each endpoint's logit against the observed event (never the oracle probability: a clinic has
-only events). Calibration: one temperature per task fitted on the validation patients (Guo et al., "On
+only events). Spatial and fused models add a small penalty on the entropy of the voxel attention (a sparsity
+prior, so that the risk map points at few voxels; see ``spatial.attention_entropy``). Calibration: one temperature per task fitted on the validation patients (Guo et al., "On
 Calibration of Modern Neural Networks", ICML 2017).
 """
 
@@ -25,7 +26,7 @@ from torch.nn import functional as F
 from rtqa_node.ml.dataset import Cohort
 from rtqa_node.ml.fusion import FusedMil
 from rtqa_node.ml.mil import BINARY_TARGETS, TASKS, VERDICT_CLASSES, TabularConfig, TabularMil
-from rtqa_node.ml.spatial import SpatialConfig, SpatialMil
+from rtqa_node.ml.spatial import SpatialConfig, SpatialMil, attention_entropy
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.2
     verdict_weight: float = 1.0
+    #: weight of the voxel-attention entropy (spatial and fused models): a sparsity prior for the risk map
+    attention_entropy_weight: float = 0.05
     threads: int = 1
     tabular: TabularConfig = field(default_factory=TabularConfig)
     spatial: SpatialConfig = field(default_factory=SpatialConfig)
@@ -60,7 +63,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         d["tabular"] = TabularConfig(**d.get("tabular", {}))
         d["spatial"] = SpatialConfig(**d.get("spatial", {}))
@@ -78,7 +81,7 @@ def build_model(config: TrainConfig) -> nn.Module:
 
 
 def batch_tensors(cohort: Cohort, index: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    t = lambda a, dtype=None: torch.as_tensor(np.ascontiguousarray(a[index]), dtype=dtype, device=device)  # noqa: E731
+    t = lambda a, dtype=None: torch.as_tensor(np.ascontiguousarray(a[index]), dtype=dtype, device=device)
     return {
         "x": t(cohort.tab_x), "name_index": t(cohort.tab_name_index), "tab_mask": t(cohort.tab_mask),
         "voxels": t(cohort.spa_voxels, torch.float32), "features": t(cohort.spa_features),
@@ -107,36 +110,37 @@ def loss_fn(logits: torch.Tensor, verdict_soft: torch.Tensor, events: torch.Tens
 def split(n: int, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Patient-level split (a patient's bags never on both sides): (train, validation) indices."""
     perm = np.random.default_rng([seed, 9]).permutation(n)
-    n_val = max(1, int(round(n * val_fraction)))
+    n_val = max(1, round(n * val_fraction))
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _fit_temperature(nll) -> float:
+    """argmin over T > 0 of nll(T) by L-BFGS on log T, clipped to [0.05, 20]."""
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
+
+    def closure():
+        opt.zero_grad()
+        loss = nll(log_t.exp())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
 
 
 def fit_temperatures(logits: torch.Tensor, verdict_soft: torch.Tensor, events: torch.Tensor) -> list[float]:
     """One temperature per task (verdict, then each binary target) minimising validation NLL."""
     nv = len(VERDICT_CLASSES)
-    out = []
-    for k in range(len(TASKS)):
-        log_t = torch.zeros(1, requires_grad=True)
-        opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
-        if k == 0:
-            z, target = logits[:, :nv], verdict_soft
-            nll = lambda: -(target * F.log_softmax(z / log_t.exp(), -1)).sum(-1).mean()  # noqa: E731
-        else:
-            known = ~torch.isnan(events[:, k - 1])
-            z, target = logits[known, nv + k - 1], events[known, k - 1]
-            if len(target) == 0:
-                out.append(1.0)
-                continue
-            nll = lambda: F.binary_cross_entropy_with_logits(z / log_t.exp(), target)  # noqa: E731
-
-        def closure():
-            opt.zero_grad()
-            loss = nll()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        out.append(float(np.clip(log_t.exp().item(), 0.05, 20.0)))
+    z = logits[:, :nv]
+    out = [_fit_temperature(lambda t: -(verdict_soft * F.log_softmax(z / t, -1)).sum(-1).mean())]
+    for k in range(len(BINARY_TARGETS)):
+        known = ~torch.isnan(events[:, k])
+        zk, yk = logits[known, nv + k], events[known, k]
+        if len(yk) == 0 or yk.min() == yk.max():
+            out.append(1.0)  # one class only: nothing to calibrate against
+            continue
+        out.append(_fit_temperature(lambda t, zk=zk, yk=yk: F.binary_cross_entropy_with_logits(zk / t, yk)))
     return out
 
 
@@ -162,7 +166,7 @@ class TrainedModel:
                                                        "model_version": MODEL_VERSION}, indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device | None = None) -> "TrainedModel":
+    def load(cls, folder: Path, device: torch.device | None = None) -> TrainedModel:
         blob = torch.load(Path(folder) / WEIGHTS_NAME, map_location=device or "cpu", weights_only=True)
         config = TrainConfig.from_dict(blob["config"])
         module = build_model(config)
@@ -203,6 +207,9 @@ def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
                 idx = order[i:i + config.batch_size]
                 out = forward(model, config.model, batch_tensors(cohort, idx, device))
                 loss = loss_fn(out.logits, soft[idx], events[idx], config.verdict_weight)
+                spatial = getattr(out, "spatial", out) if config.model in ("spatial", "fused") else None
+                if spatial is not None and config.attention_entropy_weight > 0:
+                    loss = loss + config.attention_entropy_weight * attention_entropy(spatial.voxel_attention)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -228,7 +235,7 @@ def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
                                 for b in val_batches]).cpu()
         temperatures = fit_temperatures(logits, soft[val_idx].cpu(), events[val_idx].cpu())
         elapsed = time.monotonic() - t0
-        record = {"train_patients": int(len(train_idx)), "val_patients": int(len(val_idx)),
+        record = {"train_patients": len(train_idx), "val_patients": len(val_idx),
                   "best_epoch": best_epoch, "best_val_loss": round(best, 4), "epochs_run": len(history),
                   "train_time_s": round(elapsed, 1), "device": str(device), "threads": config.threads,
                   "history": history}
