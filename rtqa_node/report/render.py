@@ -31,7 +31,7 @@ from rtqa_node.review import Review, Severity, Verdict
 from rtqa_node.rt.plan_study import PlanStudy, plan_dose
 
 PDF_SERIES_NUMBER = 9904
-MAX_TABLE_ROWS = 16
+MAX_TABLE_ROWS = 12
 MAX_DVH_STRUCTURES = 10
 _LIMIT = re.compile(r"^\s*(<=|>=|<|>|≤|≥)\s*([0-9]+(?:\.[0-9]*)?)\s*Gy\s*$")
 _METRIC_VOLUME = re.compile(r"^D([0-9]+(?:\.[0-9]*)?)%$")
@@ -84,16 +84,18 @@ def _dvh_axes(ax, review: Review, study: PlanStudy | None) -> None:
         wanted = [s.name for s in structure_set.structures if s.interpreted_type in ("PTV", "ORGAN", "CTV")]
     names = list(dict.fromkeys(wanted))
     colours: dict[str, str] = {}
+    curves = 0
     for name in names:
         for structure in plan_structures(review, structure_set.structures, name):
-            if len(colours) == MAX_DVH_STRUCTURES:
+            if curves == MAX_DVH_STRUCTURES:
                 break
             try:
                 dvh = structure_dvh(structure, dose).dvh
             except (ValueError, InputError):  # no contours inside the grid, a non-Gy dose: no curve, no error
                 continue
             label = structure.name if structure.name == name else f"{structure.name} ({name})"
-            (line,) = ax.plot(dvh.dose_gy, dvh.volume_pct, lw=1.2, label=label, color=f"C{len(colours) % 10}")
+            (line,) = ax.plot(dvh.dose_gy, dvh.volume_pct, lw=1.2, label=label, color=f"C{curves % 10}")
+            curves += 1
             colours.setdefault(name, line.get_color())
     for c in review.constraints:
         match = _LIMIT.match(c.per_protocol or "")
@@ -175,6 +177,36 @@ def _risk_axes(axes, risk: RiskMap | None, study: PlanStudy | None) -> None:
                  fontsize=7, transform=axes[0].transAxes)
 
 
+def _lines(rows: list[list[str]], wrap: int) -> int:
+    """Text lines a table needs: one header line, and per row its most wrapped cell."""
+    return 1 + sum(max(len(textwrap.wrap(cell, wrap)) or 1 for cell in row) for row in rows) if rows else 1
+
+
+def _table(ax, title: str, header: list[str], rows: list[list[str]], colours: list[str], widths: list[float], *,
+           wrap: int, empty: str) -> None:
+    """A table filling ``ax``: each row as tall as its most wrapped cell; at most MAX_TABLE_ROWS rows."""
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9, loc="left")
+    if not rows:
+        ax.text(0, 0.5, empty, fontsize=8, transform=ax.transAxes)
+        return
+    shown = rows[:MAX_TABLE_ROWS]
+    cells = [["\n".join(textwrap.wrap(cell, wrap)) or "-" for cell in row] for row in shown]
+    table = ax.table(cellText=cells, colLabels=header, loc="upper left", colWidths=widths, cellLoc="left")
+    table.auto_set_font_size(False)
+    table.set_fontsize(7)
+    heights = [1] + [max(cell.count("\n") + 1 for cell in row) for row in cells]
+    unit = 1.0 / sum(heights)
+    for i, lines in enumerate(heights):
+        for j in range(len(header)):
+            table[i, j].set_height(unit * lines)
+            table[i, j].PAD = 0.02
+            if i:
+                table[i, j].set_facecolor(colours[i - 1])
+    if len(rows) > len(shown):
+        ax.text(0, -0.08, f"... and {len(rows) - len(shown)} more (see the SR)", fontsize=7, transform=ax.transAxes)
+
+
 def render_summary(review: Review, study: PlanStudy | None, risk: RiskMap | None, *, title: str) -> Summary:
     """The one-page summary as PDF and PNG bytes.
 
@@ -188,8 +220,12 @@ def render_summary(review: Review, study: PlanStudy | None, risk: RiskMap | None
 
     with matplotlib.rc_context({"pdf.fonttype": 42, "font.family": "DejaVu Sans"}):
         fig = plt.figure(figsize=(8.27, 11.69))  # A4 portrait
-        grid = fig.add_gridspec(4, 3, height_ratios=[0.55, 1.6, 1.5, 1.05], hspace=0.35, wspace=0.1,
-                                left=0.06, right=0.97, top=0.97, bottom=0.04)
+        # table heights follow their line counts, so short tables leave no empty band
+        findings_lines = _lines([[f.message] for f in review.findings][:MAX_TABLE_ROWS], 78)
+        constraint_lines = _lines([[c.constraint_id, c.structure] for c in review.constraints][:MAX_TABLE_ROWS], 30)
+        grid = fig.add_gridspec(5, 3, height_ratios=[0.55, 0.2 + 0.075 * findings_lines,
+                                                     0.2 + 0.075 * constraint_lines, 1.5, 1.05],
+                                hspace=0.35, wspace=0.1, left=0.06, right=0.97, top=0.97, bottom=0.04)
         head = fig.add_subplot(grid[0, :])
         head.set_axis_off()
         verdict = review.verdict
@@ -203,32 +239,20 @@ def render_summary(review: Review, study: PlanStudy | None, risk: RiskMap | None
         head.text(0, 0.02, "Research software, not for clinical use. Details: the DICOM SR of this review.",
                   fontsize=7, va="top", color="#555555")
 
-        table_ax = fig.add_subplot(grid[1, :])
-        table_ax.set_axis_off()
-        table_ax.set_title(f"Findings ({len(review.findings)})", fontsize=9, loc="left")
-        rows = finding_lines(review)
-        shown = rows[:MAX_TABLE_ROWS]
-        if shown:
-            cells = [[sev, code, "\n".join(textwrap.wrap(message, 78)) or "-"] for sev, code, message in shown]
-            table = table_ax.table(cellText=cells, colLabels=["severity", "check", "message"], loc="upper left",
-                                   colWidths=[0.12, 0.25, 0.63], cellLoc="left")
-            table.auto_set_font_size(False)
-            table.set_fontsize(7)
-            for i, f in enumerate(review.findings[:MAX_TABLE_ROWS], start=1):
-                lines = cells[i - 1][2].count("\n") + 1
-                for j in range(3):
-                    table[i, j].set_height(0.07 * lines)
-                    table[i, j].set_facecolor(_SEVERITY_COLOUR[f.severity])
-            for j in range(3):
-                table[0, j].set_height(0.07)
-            if len(rows) > len(shown):
-                table_ax.text(0, -0.05, f"... and {len(rows) - len(shown)} more findings (see the SR)",
-                              fontsize=7, transform=table_ax.transAxes)
-        else:
-            table_ax.text(0, 0.8, "No findings.", fontsize=9, transform=table_ax.transAxes)
-
-        _dvh_axes(fig.add_subplot(grid[2, :]), review, study)
-        _risk_axes([fig.add_subplot(grid[3, k]) for k in range(3)], risk, study)
+        findings_ax = fig.add_subplot(grid[1, :])
+        _table(findings_ax, f"Findings ({len(review.findings)})", ["severity", "check", "message"],
+               [[sev, code, message] for sev, code, message in finding_lines(review)],
+               [_SEVERITY_COLOUR[f.severity] for f in review.findings], [0.09, 0.3, 0.61], wrap=78,
+               empty="No findings.")
+        constraints_ax = fig.add_subplot(grid[2, :])
+        _table(constraints_ax, f"Protocol constraints ({len(review.constraints)})",
+               ["constraint", "structure", "metric", "value", "per protocol", "minor", "category"],
+               [[c.constraint_id, c.structure, c.metric, "-" if c.value is None else f"{c.value:.2f} {c.unit}",
+                 c.per_protocol, c.minor or "-", c.to_json()["category"]] for c in review.constraints],
+               [_SEVERITY_COLOUR.get(c.category, "#ffffff") for c in review.constraints],
+               [0.2, 0.2, 0.09, 0.11, 0.13, 0.13, 0.14], wrap=30, empty="No protocol applied.")
+        _dvh_axes(fig.add_subplot(grid[3, :]), review, study)
+        _risk_axes([fig.add_subplot(grid[4, k]) for k in range(3)], risk, study)
 
         pdf, png = io.BytesIO(), io.BytesIO()
         fig.savefig(pdf, format="pdf", metadata={"Creator": f"rtqa-node {rtqa_node.__version__}",
