@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ from rtqa_node.errors import InputError
 from rtqa_node.rt.dvh import Dvh, structure_dvh, _cumulative, _Samples
 from rtqa_node.rt.dvh_report import compute_study_dvhs
 from rtqa_node.rt.geometry import EndCap, RasterSettings, rasterise_plane, Lattice, voxelise
-from rtqa_node.rt.plan_study import (Contour, DoseGrid, GridGeometry, Structure, load_folder, plan_dose)
+from rtqa_node.rt.plan_study import (Contour, DoseGrid, GridGeometry, Structure, dicom_files, load_folder,
+                                     load_plan_study, plan_dose)
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +126,27 @@ def test_beam_doses_sum_to_plan_dose_and_effective_is_gy_rbe(rt_data):
     assert m.unit == "Gy(RBE)" and 0 < m.mean_gy < 2.3
 
 
+def _pydicom_rt_files_but_truncated(rt_data):
+    folder = rt_data / "pydicom-rt-testfiles"
+    return [p for p in dicom_files(folder) if p.name != "rtplan_truncated.dcm"]
+
+
+def test_truncated_part10_file_is_refused_with_the_tag_and_offset(rt_data):
+    """pydicom reads rtplan_truncated.dcm (cut inside the control points) without complaint; the loader runs the
+    store's structural check and refuses it, naming the file and the element; alone or within its folder."""
+    truncated = rt_data / "pydicom-rt-testfiles" / "rtplan_truncated.dcm"
+    with pytest.raises(InputError, match=r"rtplan_truncated\.dcm: malformed DICOM file: truncated: \(300A,"):
+        load_plan_study([truncated])
+    with pytest.raises(InputError, match="rtplan_truncated.dcm: malformed"):
+        load_folder(rt_data / "pydicom-rt-testfiles")
+    # the intact plan and an unused malformed object (a Spatial Registration without a transfer syntax) still load
+    study = load_plan_study([rt_data / "pydicom-rt-testfiles" / "rtplan.dcm",
+                             rt_data / "reg-malformed-onkodicom" / "spatial_reg.dcm"])
+    assert study.plan.beams and [p.name for p, _ in study.skipped_files] == ["spatial_reg.dcm"]
+
+
 def test_relative_dose_is_refused_for_gy_metrics(rt_data):
-    study = load_folder(rt_data / "pydicom-rt-testfiles")
+    study = load_plan_study(_pydicom_rt_files_but_truncated(rt_data))
     assert {d.dose_units for d in study.doses} == {"RELATIVE"}
     # four files share one SOP Instance UID; all decode to the same values, the 1-frame file to its one frame
     full = [d for d in study.doses if d.dose.shape[0] == 15]
@@ -158,9 +179,17 @@ def test_cli_dvh_json_contract_and_exit_codes(rt_data, tmp_path):
     doc = json.loads(several.stdout)
     assert len(doc) == 3 and {d["dose"]["summation_type"] for d in doc} == {"PLAN", "BEAM"}
     assert all(set(d["dose"]) == {"sop_instance_uid", "file", "summation_type"} for d in doc)
-    bad = subprocess.run([sys.executable, "-m", "rtqa_node", "dvh", str(rt_data / "pydicom-rt-testfiles"), "--json"],
-                         capture_output=True, text=True, timeout=60)
+    relative = tmp_path / "relative"
+    relative.mkdir()
+    for p in _pydicom_rt_files_but_truncated(rt_data):
+        shutil.copy(p, relative / p.name)
+    bad = subprocess.run([sys.executable, "-m", "rtqa_node", "dvh", str(relative), "--json"],
+                         check=False, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stdout == "" and "RELATIVE" in bad.stderr
+    truncated = subprocess.run([sys.executable, "-m", "rtqa_node", "dvh", str(rt_data / "pydicom-rt-testfiles")],
+                               check=False, capture_output=True, text=True, timeout=60)
+    assert truncated.returncode == 2 and truncated.stdout == ""
+    assert "rtplan_truncated.dcm: malformed" in truncated.stderr
     missing = subprocess.run([sys.executable, "-m", "rtqa_node", "dvh", str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "does not exist" in missing.stderr

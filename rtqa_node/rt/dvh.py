@@ -191,7 +191,7 @@ def _interior_blocks(full_g: np.ndarray, max_block: int) -> tuple[list[tuple[int
 
     Returns: [(side, (n, 3) block indices g, by, bx)] and the (G, ny, nx) mask of the pixels so covered.
     """
-    n_g, ny, nx = full_g.shape
+    _, ny, nx = full_g.shape
     pad_y, pad_x = -ny % max_block, -nx % max_block
     pyramid = [np.pad(full_g, ((0, 0), (0, pad_y), (0, pad_x)))]  # pyramid[i]: blocks of side 2**i all full
     while (1 << len(pyramid)) <= max_block:
@@ -345,7 +345,7 @@ def _node_range_in(taken: np.ndarray, group: np.ndarray, vox: Voxelisation, dose
     """(min, max) dose at the grid nodes that lie in interior blocks: a trilinear dose takes its extremes over
     a box at nodes or on the box's faces, so block centres alone would miss an interior hot spot."""
     g = dose.geometry
-    nf, nr, nc = g.shape
+    _, nr, nc = g.shape
     z_lo = vox.z_mm - vox.thickness_mm / 2
     z_hi = vox.z_mm + vox.thickness_mm / 2
     zc = g.z_positions_mm

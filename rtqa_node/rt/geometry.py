@@ -296,7 +296,6 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
     zs = np.asarray([z for z, _ in planes])
     gaps = np.diff(zs)
     typical_gap = float(np.median(gaps)) if len(gaps) else (reference.spacing_mm[2] if reference else 1.0)
-    ref_dz = reference.spacing_mm[2] if reference is not None else typical_gap
 
     def step_for(delta: float) -> float:
         return z_step_mm if z_step_mm else max(delta, typical_gap / settings.max_slabs_per_gap)

@@ -34,6 +34,7 @@ from pydicom.errors import InvalidDicomError
 
 from rtqa_node.errors import InputError
 from rtqa_node.log import uid_ref
+from rtqa_node.store.encoding import EncodingError, check_dataset_encoding, read_part10_header
 
 log = logging.getLogger(__name__)
 
@@ -618,12 +619,26 @@ def _ct_volume(slices: list[tuple[Path, Dataset]]) -> CtVolume:
                     tuple(p for p, _ in ordered), rescale)
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _digest_and_check(path: Path, *, check: bool) -> str:
+    """SHA-256 of the file; with ``check``, for a Part 10 file (``DICM`` after the preamble), also the store's
+    structural check (only objects that are read need it: an unused object is skipped whatever its bytes).
+
+    pydicom reads lazily and forgives truncation (pydicom-rt-testfiles/rtplan_truncated.dcm, cut inside the
+    control-point sequence, loads without error), so every length, sequence and item delimiter is checked here
+    as on ingest. Files without the Part 10 header (real exports, PS3.10 7.1) have no transfer syntax to check
+    against and are left to pydicom.
+
+    Raises:
+        InputError: a Part 10 file whose data set is malformed (naming the file, tag and byte offset).
+    """
+    data = path.read_bytes()
+    if check and len(data) >= 132 and data[128:132] == b"DICM":
+        try:
+            header = read_part10_header(data)
+            check_dataset_encoding(data, header.dataset_offset, header.transfer_syntax_uid)
+        except EncodingError as exc:
+            raise InputError(f"{path.name}: malformed DICOM file: {exc}") from exc
+    return hashlib.sha256(data).hexdigest()
 
 
 def dicom_files(folder: Path) -> list[Path]:
@@ -637,7 +652,8 @@ def load_plan_study(paths: Iterable[Path]) -> PlanStudy:
 
     Raises:
         InputError: no readable DICOM-RT object among ``paths``, or an object that cannot be used (e.g. a dose
-            grid whose frame offsets do not match its frames).
+            grid whose frame offsets do not match its frames), or a CT/RT object stored as a Part 10 file whose
+            data set fails the store's structural check (truncated, bad length, missing delimiter).
     """
     seen_digests: dict[str, Path] = {}
     seen_uids: dict[str, Path] = {}
@@ -654,7 +670,9 @@ def load_plan_study(paths: Iterable[Path]) -> PlanStudy:
         if not sop_class or not sop_uid:
             skipped.append((path, "not a DICOM object (no SOP Class / Instance UID)"))
             continue
-        digest = _digest(path)
+        used = sop_class in (CT_IMAGE_STORAGE, RT_STRUCTURE_SET_STORAGE, RT_PLAN_STORAGE, RT_ION_PLAN_STORAGE,
+                             RT_DOSE_STORAGE)
+        digest = _digest_and_check(path, check=used)
         if digest in seen_digests:
             log.info("duplicate_file_skipped", extra={"sop": uid_ref(sop_uid)})
             continue
