@@ -300,8 +300,12 @@ _SWAPS = {"Parotid_L": "Parotid_R", "Parotid_R": "Parotid_L", "Glnd_Submand_L": 
 
 
 def simulate_patient(config: CohortConfig, index: int, sites: list[SiteProfile] | None = None,
-                     reviewers: list[ReviewerProfile] | None = None) -> SyntheticPatient:
-    """Everything about patient ``index`` (0-based) except the CT pixels and the files."""
+                     reviewers: list[ReviewerProfile] | None = None, *,
+                     plant: tuple[tuple[str, str], ...] | None = None) -> SyntheticPatient:
+    """Everything about patient ``index`` (0-based) except the CT pixels and the files.
+
+    plant: (code, severity) pairs to plant instead of the random draw (tests, targeted studies).
+    """
     sites = sites or config.site_profiles()
     reviewers = reviewers or config.reviewer_profiles()
     site = sites[index % config.sites]
@@ -317,6 +321,11 @@ def simulate_patient(config: CohortConfig, index: int, sites: list[SiteProfile] 
 
     plan_rng = _rng(config, _PLAN, index)
     planted = _plant(plan_rng, site)
+    if plant is not None:
+        for code, severity in plant:
+            if severity not in PLANTABLE.get(code, ()):
+                raise ValueError(f"cannot plant {code!r} at severity {severity!r}")
+        planted = [{"code": code, "severity": severity, "detail": {}} for code, severity in plant]
     by_code = {p["code"]: p for p in planted}
     effort = float(np.clip(plan_rng.normal(site.effort_mean, 0.15), 0.0, 1.0))
     intent, fractions = _intent(plan_rng, planted, site, phantom, effort=effort, modality=modality)
@@ -328,6 +337,17 @@ def simulate_patient(config: CohortConfig, index: int, sites: list[SiteProfile] 
         rx70 = float(plan_rng.choice([66.0, 74.0]))
         dose *= np.float32(rx70 / protocol.PTV70_RX_GY)
         by_code["wrong_prescription"]["detail"] = {"ptv70_rx_gy": rx70}
+    if "oar_constraint" in by_code:  # reach the intended parotid means exactly (boost or spare around each)
+        for name, target in intent.parotid_mean_gy.items():
+            win, phi = dose_grid.sample(phantom.structures[name].shape, pad_voxels=4)
+            inside = phi < 0
+            if inside.any():
+                w = (1.0 / (1.0 + np.exp(phi / 1.5))).astype(np.float32)
+                d = dose[win]
+                k = (target - float(d[inside].mean())) / max(float((d * w)[inside].mean()), 1e-6)
+                dose[win] *= 1.0 + np.float32(np.clip(k, -0.9, 1.0)) * w
+        by_code["oar_constraint"]["detail"] = {"parotid_mean_gy": {k: round(v, 2) for k, v in
+                                                                   intent.parotid_mean_gy.items()}}
     if "ctv70_cold_spot" in by_code:
         gross = masks["GTV_70"] | masks.get("GTVn_70", np.zeros_like(masks["GTV_70"]))
         location = "gtv" if plan_rng.random() < 0.5 or not (masks["CTV_70"] & ~gross).any() else "ctv_margin"
