@@ -26,16 +26,16 @@ METRICS = [  # (reference column, DvhMetrics attribute)
 PAPER_TOLERANCE_PCT = 3.0
 # Tighter bounds achieved (measured maximum |error| in %, plus margin), per test group and metric.
 # Test 1: 0.2 mm contours (end caps and interpolation hardly matter) with 1/2/3 mm dose grids.
-TEST1_BOUND_PCT = {"volume_cc": 0.6, "dmin_gy": 0.05, "dmax_gy": 0.05, "dmean_gy": 0.3, "d99_gy": 1.0,
-                   "d95_gy": 1.0, "d5_gy": 0.2, "d1_gy": 0.2, "d0_03cc_gy": 0.25}
+TEST1_BOUND_PCT = {"volume_cc": 0.6, "dmin_gy": 0.05, "dmax_gy": 0.05, "dmean_gy": 0.15, "d99_gy": 1.0,
+                   "d95_gy": 1.0, "d5_gy": 0.15, "d1_gy": 0.15, "d0_03cc_gy": 0.15}
 # Test 2, 1 mm contours: everything well inside the paper's 3 %.
-TEST2_1MM_BOUND_PCT = {"volume_cc": 1.5, "dmin_gy": 0.05, "dmax_gy": 0.05, "dmean_gy": 1.0, "d99_gy": 2.5,
-                       "d95_gy": 2.5, "d5_gy": 1.0, "d1_gy": 1.0, "d0_03cc_gy": 1.0}
+TEST2_1MM_BOUND_PCT = {"volume_cc": 0.5, "dmin_gy": 0.05, "dmax_gy": 0.05, "dmean_gy": 0.8, "d99_gy": 1.0,
+                       "d95_gy": 1.0, "d5_gy": 0.6, "d1_gy": 1.0, "d0_03cc_gy": 0.8}
 # Test 2, 1-3 mm contours: the shapes whose z-ends are flat edges (RtCylinder: width ~ sqrt(distance from the end
 # plane); RtCone: apex region between planes) cannot be recovered from contours 3 mm apart by any polynomial
 # interpolation; those rows' low-dose tail (D99, D95) and the 3 mm RtCylinder volume exceed 3 %. Bounded here at
 # what is achieved; every other metric and row is held to the paper's 3 %.
-KNOWN_HARD = {("RtCylinder", "volume_cc"): 4.5, ("RtCylinder", "d99_gy"): 10.0, ("RtCylinder", "d95_gy"): 8.5,
+KNOWN_HARD = {("RtCylinder", "volume_cc"): 4.0, ("RtCylinder", "d99_gy"): 8.0, ("RtCylinder", "d95_gy"): 7.5,
               ("RtCone", "d99_gy"): 9.0, ("RtCone", "d95_gy"): 3.5}
 
 
@@ -96,9 +96,9 @@ def test_nelms_every_row_within_paper_tolerance_or_tighter(nelms_results, record
 def test_nelms_overall_mean_error_is_small(nelms_results):
     errs = np.abs(np.array([[e[ref] for ref, _ in METRICS] for _, e in nelms_results]))
     mean = dict(zip([ref for ref, _ in METRICS], errs.mean(axis=0)))
-    assert mean["volume_cc"] < 0.6 and mean["dmean_gy"] < 0.3
+    assert mean["volume_cc"] < 0.45 and mean["dmean_gy"] < 0.2
     assert mean["dmin_gy"] < 0.05 and mean["dmax_gy"] < 0.05
-    assert max(mean["d99_gy"], mean["d95_gy"]) < 1.5
-    assert max(mean["d5_gy"], mean["d1_gy"], mean["d0_03cc_gy"]) < 0.3
+    assert max(mean["d99_gy"], mean["d95_gy"]) < 1.2
+    assert max(mean["d5_gy"], mean["d1_gy"], mean["d0_03cc_gy"]) < 0.2
     # at least 96 % of all (row, metric) values meet the paper's 3 % criterion; the rest are the known hard rows
     assert (errs <= PAPER_TOLERANCE_PCT).mean() > 0.96
