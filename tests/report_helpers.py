@@ -3,6 +3,7 @@ and models that produce them live in other modules), and the DICOM validators.""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -57,3 +58,25 @@ def dciodvfy_errors(path: Path) -> list[str]:
     if result.returncode != 0:
         errors.append(f"dciodvfy exited with {result.returncode}")
     return errors
+
+
+def dsrdump(path: Path) -> str:
+    result = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+def groups_from_dsrdump(text: str) -> list[dict]:
+    """Each TID 1501 measurement group as dsrdump prints it: its Finding code, Severity, Comment, verdict."""
+    groups: list[dict] = []
+    for line in text.splitlines():
+        if '"Measurement Group")' in line:
+            groups.append({})
+        elif groups:
+            for key, pattern in (("finding", r'CODE:\(,,"Finding"\)=\(([^,]+),99RTQA'),
+                                 ("severity", r'CODE:\(,,"Severity"\)=\([^,]+,[^,]+,"([^"]+)"\)'),
+                                 ("comment", r'TEXT:\(,,"Comment"\)="(.*)">$'),
+                                 ("verdict", r'CODE:\(,,"Plan review verdict"\)=\([^,]+,[^,]+,"([^"]+)"\)')):
+                match = re.search(pattern, line)
+                if match and key not in groups[-1]:
+                    groups[-1][key] = match.group(1)
+    return groups

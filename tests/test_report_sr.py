@@ -12,7 +12,7 @@ import highdicom as hd
 import pydicom
 import pytest
 from conftest import dicom_files
-from report_helpers import dciodvfy_errors, hn_review, synth_plan_study
+from report_helpers import dciodvfy_errors, dsrdump, groups_from_dsrdump, hn_review, synth_plan_study
 
 from rtqa_node.report import outputs
 from rtqa_node.report.outputs import build_review_outputs, result_uid, write_review_outputs
@@ -24,28 +24,6 @@ from rtqa_node.rt.plan_study import load_folder
 @pytest.fixture(scope="module")
 def synth_study(tmp_path_factory) -> Path:
     return synth_plan_study(tmp_path_factory.mktemp("synth"))
-
-
-def dsrdump(path: Path) -> str:
-    result = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True, check=True)
-    return result.stdout
-
-
-def groups_from_dsrdump(text: str) -> list[dict]:
-    """Each TID 1501 measurement group as dsrdump prints it: its Finding code, Severity, Comment, verdict."""
-    groups: list[dict] = []
-    for line in text.splitlines():
-        if '"Measurement Group")' in line:
-            groups.append({})
-        elif groups:
-            for key, pattern in (("finding", r'CODE:\(,,"Finding"\)=\(([^,]+),99RTQA'),
-                                 ("severity", r'CODE:\(,,"Severity"\)=\([^,]+,[^,]+,"([^"]+)"\)'),
-                                 ("comment", r'TEXT:\(,,"Comment"\)="(.*)">$'),
-                                 ("verdict", r'CODE:\(,,"Plan review verdict"\)=\([^,]+,[^,]+,"([^"]+)"\)')):
-                match = re.search(pattern, line)
-                if match and key not in groups[-1]:
-                    groups[-1][key] = match.group(1)
-    return groups
 
 
 def test_sr_is_valid_and_dsrdump_reads_back_the_verdict_and_every_finding(synth_study, tmp_path):
