@@ -8,8 +8,8 @@ have a higher priority than reviews: finished results go out before new reviews 
 
 Where to: ``destinations[calling AE of the current plan]``, else ``default_destination``, and of the revision's
 outbox objects only the destination's ``outputs`` (SR, risk map RT Dose, Parametric Map, PDF; told apart by SOP
-class); none configured is a permanent error (dead letter, visible in ``rtqa status``). ``shadow_mode`` keeps results in the outbox and
-completes the job without sending. Delivery is at least once: a worker killed after the C-STORE and before
+class); none configured is a permanent error (dead letter, visible in ``rtqa status``). ``shadow_mode`` keeps
+results in the outbox and completes the job without sending. Delivery is at least once: a worker killed after the C-STORE and before
 its COMMIT sends again; the receiver sees the same SOP Instance UID (deterministic, see ``worker.py``).
 """
 

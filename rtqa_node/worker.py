@@ -232,9 +232,9 @@ class Worker:
         rows, the dispatch job."""
         predecessor = None
         if job.supersedes is not None:  # the SR of the revision this one supersedes
-            prior = [row for row in self.index.query("SELECT path, sop_class_uid FROM outbox WHERE job_id = ?",
-                                                     (job.supersedes,)) if KIND_BY_SOP_CLASS.get(row["sop_class_uid"]) == "sr"]
-            predecessor = self.settings.data_dir / prior[0]["path"] if prior else None
+            rows = self.index.query("SELECT path, sop_class_uid FROM outbox WHERE job_id = ?", (job.supersedes,))
+            prior = [row["path"] for row in rows if KIND_BY_SOP_CLASS.get(row["sop_class_uid"]) == "sr"]
+            predecessor = self.settings.data_dir / prior[0] if prior else None
         outputs = build_results(paths, review, plan_study_id=job.plan_study_id, revision=job.revision,
                                 kinds=wanted_outputs(self.settings), predecessor=predecessor, with_study=with_study)
         written = []

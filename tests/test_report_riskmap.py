@@ -87,8 +87,8 @@ def test_parametric_map_is_float_on_the_same_grid_and_frame_of_reference(written
     assert (pm.Rows, pm.Columns, pm.NumberOfFrames) == (rtdose.Rows, rtdose.Columns, rtdose.NumberOfFrames)
     origin = np.asarray(rtdose.ImagePositionPatient, dtype=float)
     offsets = np.asarray(rtdose.GridFrameOffsetVector, dtype=float)
-    positions = np.asarray([f.PlanePositionSequence[0].ImagePositionPatient for f in pm.PerFrameFunctionalGroupsSequence],
-                           dtype=float)
+    positions = np.asarray([f.PlanePositionSequence[0].ImagePositionPatient
+                            for f in pm.PerFrameFunctionalGroupsSequence], dtype=float)
     # highdicom orders the frames of a 3D parametric map along the normal as it sees fit (here descending z):
     # match frames by position, then compare positions and values
     order = np.argsort(positions[:, 2])
