@@ -172,6 +172,7 @@ def _add_synth(sub) -> None:
                    help="photon (RTPLAN), proton or carbon (RT Ion Plan, RBE-weighted EFFECTIVE dose), or mixed "
                         "(60/30/10 %%) (default photon)")
     p.add_argument("--reviewers", type=int, default=3, help="simulated central QA reviewers per plan (default 3)")
+    p.add_argument("--jobs", type=int, default=1, help="patients written in parallel processes (default 1)")
     p.add_argument("--report", action="store_true",
                    help="also write report.md and PNG plots (outcome rates, dose-response, kappas, contours)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
@@ -183,7 +184,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 
     config = CohortConfig(patients=args.patients, sites=args.sites, seed=args.seed, slices=args.slices,
                           deviation_rate=args.deviation_rate, modality=args.modality, reviewers=args.reviewers)
-    manifest = generate_cohort(args.out, config, report=args.report)
+    manifest = generate_cohort(args.out, config, report=args.report, jobs=args.jobs)
     summary = summarise(manifest, args.out)
     if args.json:
         print_json(summary)

@@ -649,39 +649,53 @@ def csv_row(t: dict) -> dict:
     return row
 
 
-def generate_cohort(out_dir: Path, config: CohortConfig, *, report: bool = False) -> dict:
+def _make_patient(task: tuple[CohortConfig, int, str]) -> dict:
+    """Simulate and write one patient into out_dir (a pool task); returns its ground truth with file names."""
+    config, index, out = task
+    out_dir = Path(out)
+    t0 = time.monotonic()
+    patient = simulate_patient(config, index, config.site_profiles(), config.reviewer_profiles())
+    final = out_dir / patient.folder
+    tmp = out_dir / f".{patient.folder}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = write_patient(config, patient, tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_atomic(out_dir / patient.truth["subregion"]["path"],
+                  npz_bytes({"mask_ct": patient.subregion_ct, "mask_dose": patient.subregion_dose}))
+    log.info("synth_patient_written", extra={"patient": patient.folder, "site": patient.site.site_id,
+                                              "elapsed_s": round(time.monotonic() - t0, 2)})
+    return dict(patient.truth, files=files)
+
+
+def generate_cohort(out_dir: Path, config: CohortConfig, *, report: bool = False, jobs: int = 1) -> dict:
     """Write the cohort to ``out_dir`` and return the ground truth (also written as ground_truth.json).
 
     Each patient folder is written under a hidden temporary name and renamed when complete; the ground truth
     and CSV are written last, so an interrupted run leaves no half-written patient and no ground truth that
-    lists one. With ``report``, report.md and PNG plots (synth/report.py) are written too. Raises InputError
-    when out_dir is a file or a non-empty folder not made by this command.
+    lists one. With ``report``, report.md and PNG plots (synth/report.py) are written too. ``jobs`` > 1 writes
+    patients in that many processes (the output is the same bytes: each patient depends only on its index).
+    Raises InputError when out_dir is a file or a non-empty folder not made by this command, or jobs < 1.
     """
+    if jobs < 1:
+        raise InputError(f"--jobs must be >= 1, got {jobs}")
     out_dir = Path(out_dir)
     earlier_folders = _check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / schema.SUBREGION_FOLDER).mkdir(exist_ok=True)
     sites = config.site_profiles()
     reviewers = config.reviewer_profiles()
-    patients = []
     started = time.monotonic()
-    for index in range(config.patients):
-        t0 = time.monotonic()
-        patient = simulate_patient(config, index, sites, reviewers)
-        final = out_dir / patient.folder
-        tmp = out_dir / f".{patient.folder}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        files = write_patient(config, patient, tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(out_dir / patient.truth["subregion"]["path"],
-                      npz_bytes({"mask_ct": patient.subregion_ct, "mask_dose": patient.subregion_dose}))
-        truth = dict(patient.truth, files=files)
-        patients.append(truth)
-        log.info("synth_patient_written", extra={"patient": patient.folder, "site": patient.site.site_id,
-                                                  "elapsed_s": round(time.monotonic() - t0, 2)})
+    tasks = [(config, index, str(out_dir)) for index in range(config.patients)]
+    if jobs == 1 or config.patients == 1:
+        patients = [_make_patient(task) for task in tasks]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(jobs, config.patients)) as pool:
+            patients = list(pool.imap(_make_patient, tasks))
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
         "generator": GENERATOR,

@@ -51,7 +51,10 @@ def _contour_item(contour: SliceContour, ct: CtSeries, number: int) -> Dataset:
     text = "\\".join(f"{v:.2f}" for v in contour.points_mm.ravel()).encode("ascii")
     if len(text) % 2:
         text += b" "
-    item[CONTOUR_DATA] = RawDataElement(CONTOUR_DATA, "DS", len(text), text, 0, True, True)
+    item[CONTOUR_DATA] = RawDataElement(CONTOUR_DATA, "DS", len(text), text, 0, False, True)
+    # Declare the item as already in the output encoding (explicit VR little endian, the default character
+    # set's codec): otherwise pydicom's writer parses every raw element of it, ~3 s per RTSTRUCT.
+    item.set_original_encoding(False, True, item._character_set)
     return item
 
 
