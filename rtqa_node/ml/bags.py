@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: bump when the bags' features change: part of the training-data cache key (dataset.py)
+BAGS_VERSION = "2"
 DOSE_SCALE_GY = 70.0
 POSITION_SCALE_MM = 30.0
 PROTOCOL_FRACTIONS = 35
@@ -32,16 +34,22 @@ STRUCTURE_VOCAB = (
 MAX_TABULAR_INSTANCES = 40
 PLAN_INSTANCE = "<plan>"
 
-#: protocol constraints (HN-SYNTH-SIB-70-56 v1; the synthetic cohort's trial protocol): structure ->
-#: (metric, per-protocol limit Gy, minor limit Gy, +1 for an upper limit / -1 for a lower one)
+#: protocol constraints (HN-SYNTH-SIB-70-56 v2, the synthetic cohort's trial protocol; rtqa_node/synth/protocol.py):
+#: structure -> (metric, per-protocol limit Gy, minor limit Gy, +1 for an upper limit / -1 for a lower one)
 CONSTRAINTS: dict[str, tuple[str, float, float, int]] = {
     "PTV_70": ("d95_gy", 68.6, 66.5, -1),
+    "CTV_70": ("d98_gy", 66.5, 63.0, -1),
     "SpinalCord": ("max_gy", 45.0, 48.0, +1),
+    "Brainstem": ("max_gy", 54.0, 57.0, +1),
 }
+#: the better-spared parotid's mean (QUANTEC): per protocol <= 26 Gy, minor <= 30 Gy
+PAROTID_SPARED_MEAN_GY = (26.0, 30.0)
+REQUIRED_OARS = ("SpinalCord", "Brainstem", "Parotid_L", "Parotid_R", "Musc_Constrict_S", "Larynx_SG")
 
 TABULAR_FEATURES = (
     "log_volume_cc", "min", "mean", "max", "d98", "d95", "d50", "d2",
     "margin_per_protocol", "margin_minor", "is_target", "is_oar", "is_plan", "fraction_deviation",
+    "missing_required_oars", "parotid_spared_margin_per_protocol", "parotid_spared_margin_minor",
 )
 
 #: organs whose neighbourhood becomes spatial instances; each is one region of the hierarchical model
@@ -138,13 +146,18 @@ def tabular_bag(metrics: Mapping[str, StructureMetrics], *, fractions: int | Non
         rows.append([np.log1p(m.volume_cc) / 5.0, m.min_gy / DOSE_SCALE_GY, m.mean_gy / DOSE_SCALE_GY,
                      m.max_gy / DOSE_SCALE_GY, m.d98_gy / DOSE_SCALE_GY, m.d95_gy / DOSE_SCALE_GY,
                      m.d50_gy / DOSE_SCALE_GY, m.d2_gy / DOSE_SCALE_GY, pp * 10.0, minor * 10.0,
-                     float(is_target), float(not is_target), 0.0, 0.0])
+                     float(is_target), float(not is_target), 0.0, 0.0, 0.0, 0.0, 0.0])
         names.append(name)
         index.append(STRUCTURE_VOCAB.index(name) if name in STRUCTURE_VOCAB else 0)
     deviation = abs((fractions if fractions is not None else PROTOCOL_FRACTIONS) - PROTOCOL_FRACTIONS)
     # protocol: 35 fractions; 33-34 (|dev| <= 2) minor, anything further major
+    missing = sum(o not in metrics for o in REQUIRED_OARS)
+    parotids = [metrics[p].mean_gy for p in ("Parotid_L", "Parotid_R") if p in metrics]
+    spared = min(parotids) if parotids else PAROTID_SPARED_MEAN_GY[1]
     rows.append([0.0] * 8 + [float(deviation > 0) - 0.5, float(deviation > 2) - 0.5, 0.0, 0.0, 1.0,
-                             deviation / 5.0])
+                             deviation / 5.0, missing / 2.0,
+                             (spared - PAROTID_SPARED_MEAN_GY[0]) / DOSE_SCALE_GY * 10.0,
+                             (spared - PAROTID_SPARED_MEAN_GY[1]) / DOSE_SCALE_GY * 10.0])
     names.append(PLAN_INSTANCE)
     index.append(STRUCTURE_VOCAB.index(PLAN_INSTANCE))
     x = np.zeros((max_instances, len(TABULAR_FEATURES)), dtype=np.float32)
@@ -260,9 +273,14 @@ def bags_from_synthetic(patient, config) -> PatientBags:
     return PatientBags(tab, spa, tuple(g.shape))
 
 
-def bags_from_plan_study(study, dvh_metrics: Mapping[str, object] | None = None) -> PatientBags:
-    """From a loaded ``PlanStudy`` (the worker's path). ``dvh_metrics``: structure name -> ``DvhMetrics`` when
-    the review already computed them; otherwise they are computed here with the ``rt`` DVH engine."""
+def bags_from_plan_study(study, metrics: Mapping[str, StructureMetrics] | None = None, *,
+                         standard_names: Mapping[str, str] | None = None) -> PatientBags:
+    """From a loaded ``PlanStudy`` (the worker's path).
+
+    metrics: TG-263 name -> StructureMetrics when the review already computed the DVHs (``metrics_from_dvh``);
+    otherwise they are computed here with the ``rt`` DVH engine. standard_names: structure name in the
+    RTSTRUCT -> TG-263 name (the review's name matching); without it names are taken as they are.
+    """
     from rtqa_node.rt.dvh import structure_dvh
     from rtqa_node.rt.geometry import rasterise_to_grid
     from rtqa_node.rt.plan_study import plan_dose
@@ -270,19 +288,21 @@ def bags_from_plan_study(study, dvh_metrics: Mapping[str, object] | None = None)
     dose = plan_dose(study)
     dose.require_gy()
     ss = study.structure_set_for(dose)
-    if dvh_metrics is None:
-        dvh_metrics = {}
+    standard = {s.name: (standard_names or {}).get(s.name) or s.name for s in ss.structures}
+    if metrics is None:
+        metrics = {}
         for s in ss.structures:
-            if s.name in STRUCTURE_VOCAB and s.closed_planar:
-                dvh_metrics[s.name] = structure_dvh(s, dose).metrics
-    metrics = {n: metrics_from_dvh(m) for n, m in dvh_metrics.items()}
+            name = standard[s.name]
+            if name in STRUCTURE_VOCAB and name not in metrics and s.closed_planar:
+                metrics[name] = metrics_from_dvh(structure_dvh(s, dose).metrics)
     plan = study.plan
     tab = tabular_bag(metrics, fractions=plan.number_of_fractions if plan is not None else None)
     g = dose.geometry
     masks = {}
     for s in ss.structures:
-        if s.name in SPATIAL_ORGANS and s.closed_planar:
-            masks[s.name] = rasterise_to_grid(s, g)
+        name = standard[s.name]
+        if name in SPATIAL_ORGANS and name not in masks and s.closed_planar:
+            masks[name] = rasterise_to_grid(s, g)
     hu = _ct_on_grid(study.ct, g) if study.ct is not None else np.zeros(g.shape, dtype=np.float32)
     spacing = (float(g.spacing_mm[2]), float(g.spacing_mm[1]), float(g.spacing_mm[0]))
     spa = spatial_bag(dose.dose, hu, masks, spacing_mm=spacing)

@@ -24,6 +24,7 @@ import numpy as np
 
 from rtqa_node.ml.bags import (
     CONSTRAINTS,
+    PAROTID_SPARED_MEAN_GY,
     PATCH_SHAPE,
     PROTOCOL_FRACTIONS,
     STRUCTURE_VOCAB,
@@ -152,7 +153,8 @@ def dvh_row(metrics: dict[str, StructureMetrics], fractions: int | None) -> np.n
 
 
 def protocol_verdict(dvh: np.ndarray) -> np.ndarray:
-    """Rule-only verdict index (P,) from the DVH table: the protocol's constraints and fractionation."""
+    """Rule-only verdict index (P,) from the DVH table: the protocol's dose constraints (bags.CONSTRAINTS, the
+    better-spared parotid) and fractionation. It sees no structure-set or export errors."""
     col = {c: k for k, c in enumerate(DVH_COLUMNS)}
     worst = np.zeros(len(dvh), dtype=np.int64)
     for structure, (metric, per_protocol, minor, sign) in CONSTRAINTS.items():
@@ -160,19 +162,31 @@ def protocol_verdict(dvh: np.ndarray) -> np.ndarray:
         minor_dev = sign * (value - per_protocol) > 0
         major_dev = sign * (value - minor) > 0
         worst = np.maximum(worst, np.where(major_dev, 2, np.where(minor_dev, 1, 0)))
+    spared = np.fmin(dvh[:, col[("Parotid_L", "mean_gy")]], dvh[:, col[("Parotid_R", "mean_gy")]])
+    worst = np.maximum(worst, np.where(spared > PAROTID_SPARED_MEAN_GY[1], 2,
+                                       np.where(spared > PAROTID_SPARED_MEAN_GY[0], 1, 0)))
     dev = np.abs(dvh[:, -1] - PROTOCOL_FRACTIONS)
     worst = np.maximum(worst, np.where(dev > 2, 2, np.where(dev > 0, 1, 0)))
     return worst
 
 
 def _synth_source_digest() -> str:
-    import rtqa_node.ml.bags as bags_module
-    from rtqa_node import synth
+    """Digest of the generator's source as imported (not as on disk now: the tree may change under a running
+    process) and of BAGS_VERSION; part of every cache key."""
+    return _SOURCE_DIGEST
 
-    h = hashlib.sha256()
-    for p in sorted(Path(synth.__file__).parent.glob("*.py")) + [Path(bags_module.__file__)]:
+
+def _digest_now() -> str:
+    import rtqa_node.synth as synth
+    from rtqa_node.ml.bags import BAGS_VERSION
+
+    h = hashlib.sha256(BAGS_VERSION.encode())
+    for p in sorted(Path(synth.__file__).parent.glob("*.py")):
         h.update(p.read_bytes())
     return h.hexdigest()[:12]
+
+
+_SOURCE_DIGEST = _digest_now()
 
 
 def _subregion_dose_mask(patient) -> np.ndarray | None:
@@ -315,8 +329,8 @@ def cohort_from_folder(folder: Path, labels_csv: Path | None = None) -> Cohort:
         dose = plan_dose(study)
         dvh_metrics = {s.name: structure_dvh(s, dose).metrics for s in study.structure_set_for(dose).structures
                        if s.name in STRUCTURE_VOCAB and s.closed_planar}
-        bags = bags_from_plan_study(study, dvh_metrics)
         metrics = {n: metrics_from_dvh(m) for n, m in dvh_metrics.items()}
+        bags = bags_from_plan_study(study, metrics)
         sub = None
         entry = truth[name].get("subregion") or {}
         if entry.get("path") and (folder / entry["path"]).exists():
