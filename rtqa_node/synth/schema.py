@@ -60,14 +60,19 @@ PATIENT_KEYS = (
     "files",  # {"ct": [...], "rtstruct": ["RS.dcm"], "rtplan": ["RP.dcm"], "rtdose": ["RD.dcm"]}
     "anatomy",  # size factor, neck length, shoulder height, contouring style applied
     "plan",  # fractions, prescriptions, beams, effort, dose grid scaling, rbe model (ions)
+    "intent",  # what the simulated planner aimed for (PTV_70 D95, cord/brainstem max, parotid means)
     "organs",  # TG-263 name -> {volume_cc, points, mean_gy, min_gy, max_gy, d98_gy, d95_gy, d50_gy, d2_gy}
+    "outcome_doses",  # the outcome models' inputs on the true anatomy: mean_parotids_gy, mean_stem_cell_regions_gy,
+    #                   stem_cell_region_mean_gy {L, R}, mean_constrictor_s_gy, mean_supraglottic_gy,
+    #                   ctv70_weighted_eud_gy, gross_tumour_volume_cc
     "planted_errors",  # [{"code": ERROR_CODES, "severity": "minor"|"major", "detail": {...}}]
     "deviations",  # graded from the realised plan: [{"code", "severity", "value", "limit", "message"}]
     "true_verdict",  # VERDICTS: the most severe planted error, per_protocol when none
     "reviews",  # {"reviewers": [{"reviewer_id": "R1", "verdict", "codes": [...]}], "consensus", "consensus_rule"}
     "oracle",  # endpoint -> {"probability", "components": {mechanism: probability}, "model"}
     "outcomes",  # endpoint -> 0 | 1 (one Bernoulli draw from the oracle probability)
-    "mechanisms",  # endpoint -> {"contributing": [mechanism, ...], "cause": mechanism | None (who caused the event)}
+    "mechanisms",  # endpoint -> {"contributing": [mechanism, ...], "cause": mechanism | None (who caused the event)};
+    #                xerostomia also "stem_cell_share" (the stem-cell mechanism's share of the oracle probability)
     "subregion",  # {"path": "subregions/HN001.npz", "format": "npz", "labels": {"1": "Parotid_L", "2": "Parotid_R"},
     #               "arrays": {"mask_ct": ..., "mask_dose": ...}, "geometry": {"ct": GRID, "dose": GRID},
     #               "frame_of_reference_uid", "volume_cc": {"Parotid_L", "Parotid_R"},
