@@ -163,9 +163,8 @@ def review_plan_study(study: PlanStudy, *, protocol: Protocol | None = None,
 
     # targets and prescription
     rx_gy, rx_target = _rx(plan, matches, by_display, protocol)
-    targets = {n for n, m in matches.items() if m.standard and m.standard.startswith("PTV")}
-    if not targets:
-        targets = {s.name for s in structures if s.interpreted_type in ("PTV", "CTV", "GTV")}
+    targets = {n for n, m in matches.items() if m.is_target and by_display[n].has_volume} | {
+        s.name for s in structures if s.interpreted_type in ("PTV", "CTV", "GTV") and s.has_volume}
     if rx_gy and rx_target is None:
         rank = {"PTV": 0, "CTV": 1, "GTV": 2}
         typed = [(rank[s.interpreted_type], -dvhs[s.name].metrics.d50_gy, s.name) for s in structures
