@@ -39,7 +39,7 @@ BORDER_GY = 0.5
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    manifest = generate_cohort(out, CohortConfig(patients=3, seed=3, deviation_rate=0.6))
+    manifest = generate_cohort(out, CohortConfig(patients=3, seed=3, slices=48, deviation_rate=0.6))
     protocol = get_protocol(SYNTH_PROTOCOL)
     studies, reviews = {}, {}
     for p in manifest["patients"]:
