@@ -21,9 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rtqa_node.checks.pipeline import choose_protocol, review_plan_study  # noqa: E402
-from rtqa_node.rt.plan_study import load_folder  # noqa: E402
-from rtqa_node.synth.cohort import CohortConfig, generate_cohort  # noqa: E402
+from rtqa_node.checks.pipeline import choose_protocol, review_plan_study
+from rtqa_node.rt.plan_study import load_folder
+from rtqa_node.synth.cohort import CohortConfig, generate_cohort
 
 RT_DATA = REPO.parent / "shared" / "data" / "rt"
 CHAINS = ["eclipse-breast-boost-fullct-weasis", "eclipse-breast-boost-dicompyler", "raystation-proton-ramp-aptg",

@@ -81,3 +81,21 @@ def test_the_worker_runs_the_real_review(rt_data, tmp_path):
     bad = tmp_path / "x.dcm"
     bad.write_bytes(b"garbage")
     assert run_review([bad]).verdict is Verdict.NOT_EVALUABLE  # a result, not a crash
+
+
+def test_the_plans_clinical_trial_protocol_id_selects_the_protocol(rt_data, tmp_path):
+    import pydicom
+
+    from rtqa_node.checks.pipeline import choose_protocol
+    from rtqa_node.rt.plan_study import load_folder
+
+    for path in dicom_files(rt_data / PROTON):
+        ds = pydicom.dcmread(path)
+        if ds.Modality == "RTPLAN":
+            ds.ClinicalTrialProtocolID = "RTOG 0522"
+            ds.save_as(tmp_path / path.name)
+        else:
+            (tmp_path / path.name).symlink_to(path)
+    selection = choose_protocol(load_folder(tmp_path))
+    assert (selection.protocol.id, selection.how) == ("NRG-RTOG-STYLE-HN", "clinical_trial_protocol_id")
+    assert choose_protocol(load_folder(tmp_path), explicit="QUANTEC-HN").protocol.id == "QUANTEC-HN"

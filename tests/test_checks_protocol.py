@@ -7,9 +7,17 @@ import pytest
 import yaml
 
 from rtqa_node.checks.names import match_name
-from rtqa_node.checks.protocol import (PROTOCOL_DIR, ProtocolError, evaluate_constraints, evaluate_prescription,
-                                       get_protocol, load_protocol_file, load_protocols, protocol_files,
-                                       select_protocol)
+from rtqa_node.checks.protocol import (
+    PROTOCOL_DIR,
+    ProtocolError,
+    evaluate_constraints,
+    evaluate_prescription,
+    get_protocol,
+    load_protocol_file,
+    load_protocols,
+    protocol_files,
+    select_protocol,
+)
 from rtqa_node.review import Severity
 
 # -- protocol files ----------------------------------------------------------------------------------------------

@@ -332,7 +332,7 @@ class _Masks:
             lo, hi = _bbox([s])
             g = subgrid(self.grid, lo, hi, margin_mm=3.0)
             idx = self.grid.to_index(np.asarray([g.origin_mm]))[0]
-            offset = tuple(int(round(v)) for v in idx)
+            offset = tuple(round(float(v)) for v in idx)
             self._cache[key] = (offset, rasterise_to_grid(s, g, QA_RASTER))
         return self._cache[key]
 

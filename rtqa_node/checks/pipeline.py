@@ -23,12 +23,25 @@ import pydicom
 
 from rtqa_node.checks import contours, integrity
 from rtqa_node.checks.names import NameMatch, match_names
-from rtqa_node.checks.protocol import (Protocol, Selection, evaluate_constraints, evaluate_prescription,
-                                       select_protocol)
+from rtqa_node.checks.protocol import (
+    Protocol,
+    Selection,
+    evaluate_constraints,
+    evaluate_prescription,
+    select_protocol,
+)
 from rtqa_node.errors import InputError
 from rtqa_node.review import Finding, Review, Severity
 from rtqa_node.rt.dvh import StructureDvh, structure_dvh
-from rtqa_node.rt.plan_study import DoseGrid, Plan, PlanStudy, Structure, StructureSet, load_plan_study, plan_dose
+from rtqa_node.rt.plan_study import (
+    DoseGrid,
+    Plan,
+    PlanStudy,
+    Structure,
+    StructureSet,
+    load_plan_study,
+    plan_dose,
+)
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +262,7 @@ def plan_protocol_hints(study: PlanStudy) -> tuple[str | None, str | None]:
         ds = pydicom.dcmread(plan.file, force=True, stop_before_pixels=True,
                              specific_tags=["ClinicalTrialProtocolID"])
         trial = str(ds.get("ClinicalTrialProtocolID", "") or "") or None
-    except Exception:  # the plan was read once already; a second read failing only loses the hint
+    except (OSError, ValueError, TypeError, EOFError, AttributeError):  # read once already: only the hint is lost
         trial = None
     return trial, plan.label or None
 
@@ -301,8 +314,8 @@ def format_review(review: Review) -> str:
     else:
         out.append("no findings")
     if review.constraints:
-        out += ["", f"{'constraint':<22} {'structure':<22} {'metric':<9} {'value':>9}  {'per protocol':<14} "
-                    f"{'minor':<14} category"]
+        out += ["", (f"{'constraint':<22} {'structure':<22} {'metric':<9} {'value':>9}  {'per protocol':<14} "
+                     f"{'minor':<14} category")]
         for c in review.constraints:
             value = f"{c.value:.2f}" if c.value is not None else "-"
             out.append(f"{c.constraint_id:<22} {c.structure:<22} {c.metric:<9} {value:>9}  {c.per_protocol:<14} "

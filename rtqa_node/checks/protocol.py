@@ -67,7 +67,7 @@ class Range(_Strict):
     max: float | None = None
 
     @model_validator(mode="after")
-    def _order(self) -> "Range":
+    def _order(self) -> Range:
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min} > max {self.max}")
         return self
@@ -90,7 +90,7 @@ class Graded(_Strict):
     source: str
 
     @model_validator(mode="after")
-    def _nested(self) -> "Graded":
+    def _nested(self) -> Graded:
         if self.minor is not None:
             p, m = self.per_protocol, self.minor
             if (m.min is not None and (p.min is None or p.min < m.min)) or \
@@ -147,7 +147,7 @@ class Constraint(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Constraint":
+    def _consistent(self) -> Constraint:
         if len(self.structures) > 1 and self.combine is None:
             raise ValueError("several structures need 'combine' (min, max or volume_mean)")
         if self.combine == "volume_mean" and self.metric != "Dmean":
@@ -198,7 +198,7 @@ class Protocol(_Strict):
     ptv_margin_mm: float | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
-    def _sources_exist(self) -> "Protocol":
+    def _sources_exist(self) -> Protocol:
         def check(where: str, key: str) -> None:
             if key not in self.sources:
                 raise ValueError(f"{where}: source {key!r} is not listed under 'sources'")
