@@ -9,8 +9,9 @@ import pydicom
 import pytest
 from report_helpers import dciodvfy_errors, hn_review, synth_plan_study
 
-from rtqa_node.report.outputs import write_review_outputs
-from rtqa_node.report.riskmap import oar_excess_risk_map, upper_limit_gy
+from rtqa_node.report.outputs import build_review_outputs, write_review_outputs
+from rtqa_node.report.riskmap import attention_risk_map, oar_excess_risk_map, upper_limit_gy
+from rtqa_node.report.sr import read_evidence
 from rtqa_node.review import ConstraintResult, Review, Severity
 from rtqa_node.rt.plan_study import load_folder, plan_dose, read_dose
 
@@ -142,3 +143,30 @@ def test_riskmap_resolves_the_reviews_tg263_names_to_the_plans_structures(rt_dat
     without_lung = oar_excess_risk_map(Review(findings=(), protocol="T", constraints=(
         ConstraintResult("heart", "Heart", "Dmean", 3.1, "Gy", "<= 1 Gy", None, Severity.MAJOR),)), study)
     assert np.count_nonzero(risk.values) > np.count_nonzero(without_lung.values) > 0
+
+
+def test_a_spatial_models_attention_map_replaces_the_interim_map(written, tmp_path):
+    study, _ = written
+    shape = plan_dose(study).geometry.shape
+    z, y, x = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    mass = np.exp(-((z - shape[0] / 2) ** 2 + (y - shape[1] / 3) ** 2 + (x - shape[2] / 2) ** 2) / 50.0)
+    mass /= mass.sum()  # attention mass sums to 1 (rtqa_node.ml.inference.MlResult.risk_map)
+    risk = attention_risk_map(mass, study, model="fused", model_version="test-1")
+    evidence = read_evidence([study.plans[0].file])
+    result = build_review_outputs(hn_review(), study, evidence, plan_study_id="ps-attn", revision=1,
+                                  kinds=("riskmap_rtdose", "parametric_map"), risk=risk)
+    by_kind = {o.kind: o.dataset for o in result.objects}
+    for kind in ("riskmap_rtdose", "parametric_map"):
+        path = tmp_path / f"{kind}.dcm"
+        by_kind[kind].save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], kind
+    rtdose = pydicom.dcmread(tmp_path / "riskmap_rtdose.dcm")
+    assert "attention of fused test-1" in rtdose.ImageComments and "Limits" not in rtdose.ImageComments
+    values = rtdose.pixel_array * float(rtdose.DoseGridScaling)
+    assert values.max() == pytest.approx(1.0) and np.unravel_index(values.argmax(), shape) == \
+        np.unravel_index(mass.argmax(), shape)
+    pm = pydicom.dcmread(tmp_path / "parametric_map.dcm", stop_before_pixels=True)
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0].CodeValue == "RTQA-RISK-ATTN"
+    with pytest.raises(ValueError, match="grid"):
+        attention_risk_map(mass[:-1], study, model="fused", model_version="test-1")

@@ -172,5 +172,8 @@ def constraint(constraint_id: str) -> CodedConcept:
     return _rtqa(f"RTQA-C-{constraint_id}", constraint_id)
 
 
-#: Real World Value Mapping quantity of the interim risk map (report/riskmap.py)
-RISK_MAP_QUANTITY = _rtqa("RTQA-RISK-OAR", "OAR dose excess over limit, fraction of limit")
+#: Real World Value Mapping quantity of each kind of risk map (report/riskmap.py, RiskMap.kind)
+RISK_MAP_QUANTITIES = {
+    "oar_excess": _rtqa("RTQA-RISK-OAR", "OAR dose excess over limit, fraction of limit"),
+    "attention": _rtqa("RTQA-RISK-ATTN", "Spatial MIL attention, fraction of its maximum"),
+}

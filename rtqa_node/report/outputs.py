@@ -73,8 +73,10 @@ def _plan_header(evidence: Sequence[Dataset]) -> Dataset:
 
 def build_review_outputs(review: Review, study: PlanStudy | None, evidence: Sequence[Dataset], *,
                          plan_study_id: str, revision: int, kinds: Iterable[str] = OUTPUT_KINDS,
-                         predecessors: Sequence[Dataset] = ()) -> ReviewOutputs:
+                         predecessors: Sequence[Dataset] = (), risk: riskmap.RiskMap | None = None) -> ReviewOutputs:
     """Build the requested outputs (the SR always). ``study`` None (nothing loadable): the SR only.
+    ``risk``: a spatial model's map (:func:`rtqa_node.report.riskmap.attention_risk_map`); without it, the interim
+    OAR-excess map (:func:`rtqa_node.report.riskmap.oar_excess_risk_map`).
 
     Raises:
         ValueError: an unknown output kind, or no evidence.
@@ -91,8 +93,7 @@ def build_review_outputs(review: Review, study: PlanStudy | None, evidence: Sequ
                 "instance_number": revision}
 
     objects = [ReportObject(SR, sr.build_review_sr(review, evidence, predecessors=predecessors, **uids(SR)))]
-    risk = None
-    if study is not None and kinds & {RISKMAP_RTDOSE, PARAMETRIC_MAP, PDF}:
+    if risk is None and study is not None and kinds & {RISKMAP_RTDOSE, PARAMETRIC_MAP, PDF}:
         risk = riskmap.oar_excess_risk_map(review, study)
     if risk is not None and RISKMAP_RTDOSE in kinds:
         objects.append(ReportObject(RISKMAP_RTDOSE, riskmap.riskmap_rtdose(risk, plan, **uids(RISKMAP_RTDOSE))))

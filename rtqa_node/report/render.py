@@ -173,7 +173,7 @@ def _risk_axes(axes, risk: RiskMap | None, study: PlanStudy | None) -> None:
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
         ax.set_title(f"z = {z:.1f} mm ({why})", fontsize=7)
-    axes[0].text(0.0, -0.12, "Risk map (not dose): OAR dose excess over its tightest limit, 0-1",
+    axes[0].text(0.0, -0.12, risk.caption if risk is not None else "Dose maximum (no risk map)",
                  fontsize=7, transform=axes[0].transAxes)
 
 

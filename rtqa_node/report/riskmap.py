@@ -55,20 +55,32 @@ _UPPER_LIMIT = re.compile(r"^\s*(<=|<|≤)\s*([0-9]+(?:\.[0-9]*)?)\s*Gy\s*$")
 class RiskMap:
     """A per-voxel risk quantity on a grid of the plan's frame of reference.
 
-    ``values``: float32 (frames, rows, columns) in [0, 1]; ``limits_gy``: the organ -> limit pairs used.
+    ``values``: float32 (frames, rows, columns) in [0, 1]; ``kind``: "oar_excess" (the interim quantity) or
+    "attention" (a spatial model's); ``quantity``: what the values are, in words (written into the objects);
+    ``limits_gy``: for "oar_excess", the organ -> limit pairs used.
     """
 
     values: np.ndarray
     geometry: GridGeometry
     frame_of_reference_uid: str
     quantity: str
-    limits_gy: tuple[tuple[str, float], ...]
+    limits_gy: tuple[tuple[str, float], ...] = ()
+    kind: str = "oar_excess"
 
     def __post_init__(self) -> None:
         if self.values.shape != self.geometry.shape:
             raise ValueError(f"values shape {self.values.shape} != grid shape {self.geometry.shape}")
         if self.values.size and (float(self.values.min()) < 0 or float(self.values.max()) > 1):
             raise ValueError("risk map values must lie in [0, 1]")
+        if self.kind not in codes.RISK_MAP_QUANTITIES:
+            raise ValueError(f"kind must be one of {sorted(codes.RISK_MAP_QUANTITIES)}, got {self.kind!r}")
+
+    @property
+    def caption(self) -> str:
+        """One line for people (the summary page, the Parametric Map's LUT explanation)."""
+        if self.kind == "attention":
+            return "Risk map (not dose): spatial model attention, 0-1 of its maximum"
+        return "Risk map (not dose): OAR dose excess over its tightest limit, 0-1"
 
 
 def upper_limit_gy(text: str) -> float | None:
@@ -136,6 +148,29 @@ def oar_excess_risk_map(review: Review, study: PlanStudy) -> RiskMap | None:
     return RiskMap(values, dose.geometry, dose.frame_of_reference_uid, OAR_EXCESS_QUANTITY, tuple(used))
 
 
+def attention_risk_map(attention: np.ndarray, study: PlanStudy, *, model: str, model_version: str) -> RiskMap:
+    """A spatial model's voxel attention (``rtqa_node.ml.inference.MlResult.risk_map``: (Z, Y, X) on the plan
+    dose grid, attention mass) as a risk map, normalised to its maximum. Use it instead of the interim map
+    (``build_review_outputs(..., risk=...)``) once a spatial model has run.
+
+    Raises:
+        ValueError: the array is not on the plan dose's grid, or has negative values.
+        InputError: the plan study has no dose.
+    """
+    dose = plan_dose(study)
+    values = np.asarray(attention, dtype=np.float32)
+    if values.shape != dose.geometry.shape:
+        raise ValueError(f"attention shape {values.shape} != plan dose grid {dose.geometry.shape}")
+    if values.size and float(values.min()) < 0:
+        raise ValueError("attention must be >= 0")
+    top = float(values.max()) if values.size else 0.0
+    normalised = values / top if top > 0 else values
+    quantity = (f"spatial MIL attention of {model} {model_version} (xerostomia branch), normalised to its "
+                "maximum; not dose")
+    return RiskMap(np.clip(normalised, 0.0, 1.0), dose.geometry, dose.frame_of_reference_uid or "", quantity,
+                   kind="attention")
+
+
 def _ds(value: float) -> str:
     return f"{value:.6g}"
 
@@ -199,8 +234,8 @@ def riskmap_rtdose(risk: RiskMap, plan: Dataset, *, sop_instance_uid: str,
     ds.DoseUnits = "RELATIVE"
     ds.DoseType = "ERROR"
     ds.DoseComment = "RTQA RISK MAP - NOT DOSE: relative, 0-1"  # LO, 64 characters at most
-    ds.ImageComments = ("RTQA risk map, not dose. " + risk.quantity + ". Limits: "
-                        + ", ".join(f"{n} {v:g} Gy" for n, v in risk.limits_gy))[:10240]
+    limits = ", ".join(f"{n} {v:g} Gy" for n, v in risk.limits_gy)
+    ds.ImageComments = ("RTQA risk map, not dose. " + risk.quantity + (f". Limits: {limits}" if limits else ""))[:10240]
     ds.DoseSummationType = "PLAN"
     ds.GridFrameOffsetVector = [_ds(v) for v in offsets]
     ds.DoseGridScaling = _ds(DOSE_GRID_SCALING)
@@ -231,12 +266,12 @@ def riskmap_parametric_map(risk: RiskMap, source_images: Sequence[Dataset], *, s
     thickness = float(np.median(np.diff(offsets))) if len(offsets) > 1 else float(g.spacing_mm[2])
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="RTQA_RISK",
-        lut_explanation="RTQA risk map (OAR dose excess), not dose",
+        lut_explanation=risk.caption[:64],
         unit=codes.unit("1"),
         value_range=(0.0, 1.0),
         slope=1.0,
         intercept=0.0,
-        quantity_definition=codes.RISK_MAP_QUANTITY,
+        quantity_definition=codes.RISK_MAP_QUANTITIES[risk.kind],
     )
     pm = hd.pm.ParametricMap(
         source_images=list(source_images),
