@@ -283,7 +283,8 @@ def load_and_review(files: Sequence[Path], *, explicit_protocol: str | None = No
     try:
         study = load_plan_study(files)
     except InputError as exc:
-        log.warning("plan_study_not_loadable", extra={"error": str(exc)[:200]})
+        # the message may name files (often SOP Instance UIDs): it goes into the Review, not into the log
+        log.warning("plan_study_not_loadable", extra={"error_type": type(exc).__name__, "files": len(files)})
         return not_evaluable(f"plan study cannot be loaded: {exc}")
     selection = choose_protocol(study, explicit=explicit_protocol, configured=configured_protocol)
     review = review_plan_study(study, protocol=selection.protocol)
