@@ -20,7 +20,7 @@ import re
 import shutil
 import time
 import zipfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -392,11 +392,11 @@ def simulate_patient(config: CohortConfig, index: int, sites: list[SiteProfile] 
         "gross_tumour_volume_cc": round(gtv_cc, 3),
         "note": "doses on the true (unstyled) anatomy; the outcome models' inputs",
     }
-    drawn = outcome_doses
+    od = outcome_doses
     result = draw_outcomes(
-        _rng(config, _OUTCOMES, index), mean_parotids_gy=drawn["mean_parotids_gy"],
-        mean_stem_gy=drawn["mean_stem_cell_regions_gy"], mean_constrictor_s_gy=drawn["mean_constrictor_s_gy"],
-        mean_supraglottic_gy=drawn["mean_supraglottic_gy"], ctv70_eud_gy=drawn["ctv70_weighted_eud_gy"],
+        _rng(config, _OUTCOMES, index), mean_parotids_gy=od["mean_parotids_gy"],
+        mean_stem_gy=od["mean_stem_cell_regions_gy"], mean_constrictor_s_gy=od["mean_constrictor_s_gy"],
+        mean_supraglottic_gy=od["mean_supraglottic_gy"], ctv70_eud_gy=od["ctv70_weighted_eud_gy"],
         gtv_volume_cc=gtv_cc,
     )
 
@@ -767,8 +767,8 @@ def summarise(manifest: dict, out_dir: Path) -> dict:
         for p in patients
     ]
     size = sum(f.stat().st_size for p in patients for f in (out_dir / p["folder"]).iterdir())
-    lines = [f"{'patient':8} {'site':7} {'modality':8} {'tumour':12} {'files':>5} {'verdict':13} {'consensus':13} "
-             f"{'PTV70 D95':>9} {'parotids':>8}  deviations"]
+    lines = [(f"{'patient':8} {'site':7} {'modality':8} {'tumour':12} {'files':>5} {'verdict':13} "
+              f"{'consensus':13} {'PTV70 D95':>9} {'parotids':>8}  deviations")]
     for r in rows:
         lines.append(f"{r['folder']:8} {r['site_id']:7} {r['modality']:8} {r['tumour_site']:12} {r['files']:5d} "
                      f"{r['true_verdict']:13} {r['consensus']:13} {r['ptv70_d95_gy']:9.1f} "

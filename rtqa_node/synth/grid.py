@@ -51,7 +51,7 @@ class Grid:
     def voxel_volume_cc(self) -> float:
         return self.pixel_spacing_mm**2 * self.slice_spacing_mm / 1000.0
 
-    def coarsened(self, factor: int) -> "Grid":
+    def coarsened(self, factor: int) -> Grid:
         """Every factor-th row and column (same slices): the dose grid. Its voxel centres are CT voxel centres."""
         return Grid(
             columns=(self.columns + factor - 1) // factor,

@@ -4,6 +4,7 @@ apertures conformed to the targets' beam's-eye-view projection (divergence ignor
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +53,7 @@ def _aperture(u: np.ndarray, v: np.ndarray, margin_mm: float = 5.0) -> tuple[lis
     x_jaw = [max(x_jaw[0], -200.0), min(x_jaw[1], 200.0)]
     y_jaw = [max(y_jaw[0], -200.0), min(y_jaw[1], 200.0)]
     bank_a, bank_b = [], []
-    for lo, hi in zip(LEAF_BOUNDARIES_MM[:-1], LEAF_BOUNDARIES_MM[1:]):
+    for lo, hi in itertools.pairwise(LEAF_BOUNDARIES_MM):
         band = (v >= lo - margin_mm) & (v < hi + margin_mm)
         if band.any():
             a = max(float(np.floor(u[band].min() - margin_mm)), x_jaw[0])
@@ -146,7 +147,7 @@ def plan_dataset(spec: PlanSpec, ctx: StudyContext, *, uid_key: str, rtstruct_ui
         x_jaw, y_jaw, leaves = _aperture(u, v)
         beam = Dataset()
         beam.BeamNumber = number
-        beam.BeamName = f"G{int(round(gantry)):03d}"
+        beam.BeamName = f"G{round(gantry):03d}"
         beam.BeamDescription = f"IMRT field {number} of {n_beams}"
         beam.BeamType = "STATIC"
         beam.RadiationType = "PHOTON"
@@ -290,7 +291,7 @@ def ion_plan_dataset(spec: PlanSpec, ctx: StudyContext, *, uid_key: str, rtstruc
         meterset = round(beam_dose_gy * MU_PER_GY * spec.modulation_factor, 2)
         beam = Dataset()
         beam.BeamNumber = number
-        beam.BeamName = f"G{int(round(gantry)):03d}"
+        beam.BeamName = f"G{round(gantry):03d}"
         beam.BeamDescription = f"PBS field {number} of {len(gantries)}"
         beam.BeamType = "STATIC"
         beam.RadiationType = radiation

@@ -244,10 +244,11 @@ def render(manifest: dict) -> tuple[str, dict[str, bytes], dict]:
     kappas = agreement(patients) if len(patients) >= 2 else None
     contours = contour_variability(patients)
     n = len(patients)
-    lines = [f"# Synthetic cohort: {n} patients, {manifest['config']['sites']} site(s), "
-             f"seed {manifest['config']['seed']}", ""]
-    lines += ["## Per site", "", "| site | patients | photon/proton/carbon | per protocol/minor/major (truth) | "
-              "consensus agrees | xerostomia | dysphagia | local control |", "|---|---|---|---|---|---|---|---|"]
+    lines = [(f"# Synthetic cohort: {n} patients, {manifest['config']['sites']} site(s), "
+              f"seed {manifest['config']['seed']}"), ""]
+    lines += ["## Per site", "", ("| site | patients | photon/proton/carbon | per protocol/minor/major (truth) | "
+                                  "consensus agrees | xerostomia | dysphagia | local control |"),
+              "|---|---|---|---|---|---|---|---|"]
     for site in sorted({p["site_id"] for p in patients}):
         ps = [p for p in patients if p["site_id"] == site]
         mods = "/".join(str(sum(p["modality"] == m for p in ps)) for m in schema.MODALITIES)
@@ -268,22 +269,23 @@ def render(manifest: dict) -> tuple[str, dict[str, bytes], dict]:
             lines.append(f"| {b['dose_lo_gy']:.1f}-{b['dose_hi_gy']:.1f} | {b['n']} | {b['observed']:.2f} "
                          f"({b['ci95'][0]:.2f}-{b['ci95'][1]:.2f}) | {b['oracle']:.2f} |")
     fit = rec["xerostomia"]["fit_mean_and_stem"]
-    lines += ["", "Planted spatial mechanism (parotid stem-cell regions): correlation of stem-region and whole-gland "
-              f"mean dose {rec['xerostomia']['stem_vs_mean_correlation']:.2f}, residual sd "
-              f"{rec['xerostomia']['stem_residual_sd_gy']:.1f} Gy; logistic fit on both: mean "
-              f"{fit['coef'][1]:+.3f} ± {fit['se'][1]:.3f} /Gy, stem {fit['coef'][2]:+.3f} ± {fit['se'][2]:.3f} /Gy."]
+    lines += ["", ("Planted spatial mechanism (parotid stem-cell regions): correlation of stem-region and "
+                   f"whole-gland mean dose {rec['xerostomia']['stem_vs_mean_correlation']:.2f}, residual sd "
+                   f"{rec['xerostomia']['stem_residual_sd_gy']:.1f} Gy; logistic fit on both: mean "
+                   f"{fit['coef'][1]:+.3f} ± {fit['se'][1]:.3f} /Gy, stem {fit['coef'][2]:+.3f} ± "
+                   f"{fit['se'][2]:.3f} /Gy.")]
     d = rec["dysphagia"]
     lines.append(f"Dysphagia logistic fit: b0 {d['fit']['coef'][0]:+.2f} ± {d['fit']['se'][0]:.2f}, PCM_S "
                  f"{d['fit']['coef'][1]:+.3f} ± {d['fit']['se'][1]:.3f}, SGL {d['fit']['coef'][2]:+.3f} ± "
                  f"{d['fit']['se'][2]:.3f} (model {d['model_coef'][0]}, {d['model_coef'][1]}, {d['model_coef'][2]}).")
     if kappas:
+        pairs = ", ".join(f"{k} {v:.2f}" for k, v in kappas["cohen_pairwise"].items())
         lines += ["", "## Reviewer agreement", "",
-                  f"Fleiss' kappa {kappas['fleiss']:.2f}; Cohen's kappa pairwise "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in kappas["cohen_pairwise"].items())
-                  + f" (mean {kappas['cohen_mean']:.2f}); consensus vs truth {kappas['consensus_vs_truth']:.2f}; "
-                  f"target range {kappas['target_range'][0]}-{kappas['target_range'][1]}."]
-    lines += ["", "## Contouring variability", "", "| period | patients | between-site margin sd (mm) | "
-              "mean shift (mm) |", "|---|---|---|---|"]
+                  (f"Fleiss' kappa {kappas['fleiss']:.2f}; Cohen's kappa pairwise {pairs} (mean "
+                   f"{kappas['cohen_mean']:.2f}); consensus vs truth {kappas['consensus_vs_truth']:.2f}; "
+                   f"target range {kappas['target_range'][0]}-{kappas['target_range'][1]}.")]
+    lines += ["", "## Contouring variability", "",
+              "| period | patients | between-site margin sd (mm) | mean shift (mm) |", "|---|---|---|---|"]
     for period, c in contours.items():
         lines.append(f"| {period} | {c['patients']} | {c['between_site_margin_sd_mm']} | {c['mean_abs_shift_mm']} |")
     lines += ["", "Plots: " + ", ".join(PLOTS)]

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 
 from rtqa_node.synth.anatomy import Phantom
 from rtqa_node.synth.contours import SliceContour, trace
@@ -22,7 +22,6 @@ from rtqa_node.synth.dcm import (
     synth_uid,
 )
 from rtqa_node.synth.grid import Grid
-
 
 CONTOUR_DATA = Tag(0x3006, 0x0050)
 

@@ -68,7 +68,8 @@ PATIENT_KEYS = (
     "planted_errors",  # [{"code": ERROR_CODES, "severity": "minor"|"major", "detail": {...}}]
     "deviations",  # graded from the realised plan: [{"code", "severity", "value", "limit", "message"}]
     "true_verdict",  # VERDICTS: the most severe planted error, per_protocol when none
-    "reviews",  # {"reviewers": [{"reviewer_id": "R1", "verdict", "codes": [...]}], "consensus", "consensus_rule"}
+    "reviews",  # {"reviewers": [{"reviewer_id": "R1", "verdict", "codes": [...]}], "consensus", "consensus_rule"};
+    #             a reviewer's codes are ERROR_CODES or "other" (a false alarm)
     "oracle",  # endpoint -> {"probability", "components": {mechanism: probability}, "model"}
     "outcomes",  # endpoint -> 0 | 1 (one Bernoulli draw from the oracle probability)
     "mechanisms",  # endpoint -> {"contributing": [mechanism, ...], "cause": mechanism | None (who caused the event)};

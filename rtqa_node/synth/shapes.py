@@ -33,16 +33,16 @@ class Shape:
     def phi(self, x, y, z) -> np.ndarray:
         raise NotImplementedError
 
-    def __or__(self, other: "Shape") -> "Shape":
+    def __or__(self, other: Shape) -> Shape:
         return Union((self, other))
 
-    def __sub__(self, other: "Shape") -> "Shape":
+    def __sub__(self, other: Shape) -> Shape:
         return Subtract(self, other)
 
-    def __and__(self, other: "Shape") -> "Shape":
+    def __and__(self, other: Shape) -> Shape:
         return Intersect(self, other)
 
-    def grow(self, margin_mm: float) -> "Shape":
+    def grow(self, margin_mm: float) -> Shape:
         return Offset(self, margin_mm)
 
 
@@ -99,7 +99,7 @@ class TaperedNeck(Shape):
 
     @property
     def bounds(self) -> Bounds:
-        (cx, cy), (a, b) = self.center_xy_mm, self.semi_axes_xy_mm
+        (cx, cy), (_, b) = self.center_xy_mm, self.semi_axes_xy_mm
         w = self.max_half_width_mm
         return (cx - w, cy - b - 25.0, self.z_lo_mm), (cx + w, cy + b + 25.0, self.z_hi_mm)
 

@@ -56,20 +56,20 @@ class SiteProfile:
 def make_site(seed: int, site_index: int, *, deviation_rate: float) -> SiteProfile:
     """The profile of site ``site_index`` of a cohort: a pure function of (seed, site_index, deviation_rate)."""
     rng = np.random.default_rng([seed, SITE_STREAM, site_index])
-    profile = dict(
-        site_index=site_index,
-        site_id=f"SITE{site_index + 1:02d}",
-        ptv_margin_mm=float(rng.choice([3.0, 4.0, 5.0])),
-        oar_contour_bias_mm=round(float(np.clip(rng.normal(0.0, 0.8), -1.5, 1.5)), 2),
-        beam_count=int(rng.choice([7, 9])),
-        parotid_sparing_offset_gy=round(float(rng.uniform(-5.0, 6.0)), 2),
-        deviation_rate=round(float(np.clip(deviation_rate * rng.uniform(0.5, 1.5), 0.0, 1.0)), 3),
-        rater_upgrade_pct=round(float(rng.uniform(2.0, 12.0)), 1),
-        rater_downgrade_pct=round(float(rng.uniform(2.0, 12.0)), 1),
-        pixel_spacing_mm=float(rng.choice([1.0, 1.1, 1.17])),
-        hu_offset=round(float(rng.normal(0.0, 4.0)), 1),
-        treatment_machine_name=f"SYNLINAC{site_index + 1}",
-    )
+    profile: dict = {
+        "site_index": site_index,
+        "site_id": f"SITE{site_index + 1:02d}",
+        "ptv_margin_mm": float(rng.choice([3.0, 4.0, 5.0])),
+        "oar_contour_bias_mm": round(float(np.clip(rng.normal(0.0, 0.8), -1.5, 1.5)), 2),
+        "beam_count": int(rng.choice([7, 9])),
+        "parotid_sparing_offset_gy": round(float(rng.uniform(-5.0, 6.0)), 2),
+        "deviation_rate": round(float(np.clip(deviation_rate * rng.uniform(0.5, 1.5), 0.0, 1.0)), 3),
+        "rater_upgrade_pct": round(float(rng.uniform(2.0, 12.0)), 1),
+        "rater_downgrade_pct": round(float(rng.uniform(2.0, 12.0)), 1),
+        "pixel_spacing_mm": float(rng.choice([1.0, 1.1, 1.17])),
+        "hu_offset": round(float(rng.normal(0.0, 4.0)), 1),
+        "treatment_machine_name": f"SYNLINAC{site_index + 1}",
+    }
     # Drawn after the fields above so that those stay what they were in generator version 1.
     profile["effort_mean"] = round(float(rng.uniform(0.3, 0.8)), 3)
     weights = rng.dirichlet([8.0 * w for w in TUMOUR_SITE_WEIGHTS.values()])
