@@ -159,3 +159,15 @@ def test_copy_of_a_chain_is_not_changed_by_the_review(rt_data, tmp_path):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     load_and_review(dicom_files(folder))
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_contours_beyond_an_incomplete_ct_are_reported_once(rt_data):
+    from rtqa_node.checks import contours
+
+    study = load_folder(rt_data / "eclipse-breast-boost-dicompyler")  # 1 of the 98 CT slices
+    structures = {s.name: s for s in study.structure_sets[0].structures if s.has_volume}
+    (finding,) = contours.outside_ct(structures, study.ct)
+    assert finding.severity is Severity.MINOR and finding.values["outside_pct"]["Heart"] == 100.0
+    full = load_folder(rt_data / BREAST)
+    assert contours.outside_ct({s.name: s for s in full.structure_sets[0].structures if s.has_volume},
+                               full.ct) == []

@@ -159,6 +159,8 @@ def test_removed_renamed_shifted_and_shrunk_structures_are_found(cohort):
             return [_moved(s, dx_mm=15.0)]  # no longer inside PTV_70
         if s.name == "Cavity_Oral":
             return [_moved(s, scale=0.15)]  # implausibly small
+        if s.name == "Glnd_Submand_L":
+            return [_moved(s, dx_mm=150.0)]  # drawn beside the patient
         return [s]
 
     review = review_plan_study(_with_structures(study, change), protocol=get_protocol(SYNTH_PROTOCOL))
@@ -168,6 +170,8 @@ def test_removed_renamed_shifted_and_shrunk_structures_are_found(cohort):
     assert ("names.unknown_structure", Severity.INFO, "Zorglub") in found
     assert ("contour.target_not_enclosed", Severity.MAJOR, "CTV_70") in found
     assert ("contour.implausible_volume", Severity.MINOR, "Cavity_Oral") in found
+    assert ("contour.outside_body", Severity.MINOR, "Glnd_Submand_L") in found
+    assert any(c == "contour.outside_ct" for c, _, _ in found)  # 150 mm off: past the CT's edge too
     cord = next(c for c in review.constraints if c.constraint_id == "cord_dmax")
     assert cord.value is None and cord.category is Severity.NOT_EVALUABLE
     assert review.verdict is Verdict.MAJOR
