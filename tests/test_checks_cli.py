@@ -81,6 +81,8 @@ def test_the_worker_runs_the_real_review(rt_data, tmp_path):
     bad = tmp_path / "x.dcm"
     bad.write_bytes(b"garbage")
     assert run_review([bad]).verdict is Verdict.NOT_EVALUABLE  # a result, not a crash
+    # Settings.review_protocol reaches the review
+    assert run_review(dicom_files(rt_data / PROTON), configured_protocol="QUANTEC-HN").protocol == "QUANTEC-HN"
 
 
 def test_the_plans_clinical_trial_protocol_id_selects_the_protocol(rt_data, tmp_path):
