@@ -143,3 +143,15 @@ def test_a_plan_that_could_not_be_analysed_gets_an_sr_that_says_so_and_why(synth
     assert groups[0]["verdict"] == "Not Evaluated"
     assert groups[1] == {"finding": "analysis.not_performed", "severity": "Not Evaluated",
                          "comment": "Analysis not performed: PermanentError: no RTDOSE referencing the plan"}
+
+
+def test_invalid_identity_values_in_the_source_still_give_a_valid_sr(rt_data, tmp_path):
+    # this chain's headers hold a date "0001" and a sex "N/A": highdicom refuses to copy such values
+    folder = rt_data / "geant4-topas-for-mismatch"
+    study = load_folder(folder)
+    (path,) = write_review_outputs(not_performed_review("frame of reference mismatch"), study, tmp_path,
+                                   plan_study_id="ps-g4", revision=1, kinds=("sr",))
+    assert dciodvfy_errors(path) == []
+    sr = pydicom.dcmread(path)
+    plan = pydicom.dcmread(study.plans[0].file, stop_before_pixels=True, force=True)
+    assert (sr.PatientID, sr.StudyInstanceUID) == (plan.PatientID, plan.StudyInstanceUID)

@@ -3,6 +3,8 @@ configured for; DCMTK storescp accepts every kind over C-STORE; a new revision's
 
 from __future__ import annotations
 
+import time
+
 import pydicom
 import pytest
 from conftest import dicom_files
@@ -30,10 +32,15 @@ def _import(store: Store, files) -> list[str]:
     return [r[0] for r in store.index.query("SELECT id FROM plan_studies ORDER BY id")]
 
 
-def _drain(worker: Worker) -> None:
-    for _ in range(20):
+def _drain(worker: Worker, store: Store, timeout_s: float = 60.0) -> None:
+    """Run jobs until every job is done or dead (a retried dispatch included), or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and store.index.query(
+            "SELECT COUNT(*) FROM jobs WHERE state NOT IN ('done', 'dead')")[0][0]:
         if worker.run_once() is None:
-            return
+            time.sleep(0.05)
+    states = [dict(r) for r in store.index.query("SELECT kind, state, last_error FROM jobs")]
+    assert all(r["state"] == "done" for r in states), states
 
 
 @pytest.fixture
@@ -54,10 +61,10 @@ def test_each_destination_gets_the_outputs_it_is_configured_for_and_storescp_acc
         pacs_dest = Destination(host="127.0.0.1", port=pacs.port, ae_title="TPS", outputs=("sr", "parametric_map",
                                                                                              "pdf"))
         settings = load_settings(None, data_dir=data_dir, destinations={"TPS_A": tps_dest},
-                                 default_destination=pacs_dest)
+                                 default_destination=pacs_dest, dispatch_retry_base_s=0.2)
         worker = Worker(settings, review=lambda files: hn_review())
         try:
-            _drain(worker)
+            _drain(worker, store)
         finally:
             worker.close()
         outbox = {r["sop_class_uid"]: r for r in store.index.query("SELECT * FROM outbox")}
@@ -87,10 +94,10 @@ def test_a_new_revision_sr_references_the_sr_it_supersedes(node, tmp_path):
     (ps_id,) = _import(store, dicom_files(folder))
     worker = Worker(settings, review=lambda files: hn_review())
     try:
-        _drain(worker)
+        _drain(worker, store)
         new_plan_revision(folder / "RP.dcm", tmp_path / "rp2.dcm")
         assert _import(store, [tmp_path / "rp2.dcm"]) == [ps_id]
-        _drain(worker)
+        _drain(worker, store)
     finally:
         worker.close()
     rows = store.index.query("SELECT revision, path FROM outbox WHERE sop_class_uid = ? ORDER BY revision",

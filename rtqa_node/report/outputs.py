@@ -100,6 +100,8 @@ def build_review_outputs(review: Review, study: PlanStudy | None, evidence: Sequ
     if risk is not None and PARAMETRIC_MAP in kinds and study is not None and study.ct is not None \
             and study.ct.frame_of_reference_uid == risk.frame_of_reference_uid:
         ct = [pydicom.dcmread(f, stop_before_pixels=True, force=True) for f in study.ct.files]
+        for header in ct:  # highdicom copies the patient and study from the CT
+            sr.sanitise_identity(header)
         objects.append(ReportObject(PARAMETRIC_MAP, riskmap.riskmap_parametric_map(risk, ct, **uids(PARAMETRIC_MAP))))
     summary = None
     if PDF in kinds:

@@ -31,9 +31,12 @@ qualitative evaluations only, while TID 1501 also allows them as TEXT.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import highdicom as hd
@@ -44,6 +47,8 @@ from pydicom.errors import InvalidDicomError
 import rtqa_node
 from rtqa_node.report import codes
 from rtqa_node.review import Finding, Review, Severity
+
+log = logging.getLogger(__name__)
 
 ALGORITHM_NAME = "rtqa-node plan review"
 MANUFACTURER = "rtqa-node"
@@ -65,6 +70,34 @@ def derived_uid(*parts: object) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '/'.join(str(p) for p in parts)).int}"
 
 
+_DA = re.compile(r"^\d{8}$")
+_TM = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+
+
+def _valid_date(value: str) -> bool:
+    try:
+        return bool(_DA.match(value)) and datetime.strptime(value, "%Y%m%d").year >= 1
+    except ValueError:
+        return False
+
+
+def sanitise_identity(ds: Dataset) -> list[str]:
+    """Blank patient/study attributes whose values are not valid for their VR (a birth date "0001", a sex
+    "N/A"): highdicom refuses to copy them, and every result must still be written. They are Type 2, so empty
+    is allowed; identity rests on Patient ID and Study Instance UID. Returns the keywords blanked (no values).
+    """
+    blanked = []
+    checks = {"StudyDate": _valid_date, "PatientBirthDate": _valid_date, "StudyTime": lambda v: bool(_TM.match(v)),
+              "PatientSex": lambda v: v in ("M", "F", "O")}
+    for keyword, is_valid in checks.items():
+        element = ds.get(keyword)
+        value = str(element).strip() if element is not None else ""
+        if value and not is_valid(value):
+            setattr(ds, keyword, "")
+            blanked.append(keyword)
+    return blanked
+
+
 def read_evidence(paths: Sequence[Path]) -> list[Dataset]:
     """Headers of the reviewed objects, plan first (its patient/study become the SR's), then RTSTRUCT, RTDOSE,
     images. Files that are not DICOM or have no SOP Instance UID are left out."""
@@ -84,6 +117,9 @@ def read_evidence(paths: Sequence[Path]) -> list[Dataset]:
                     header.SpecificCharacterSet = value
                 continue
             setattr(header, keyword, value if value is not None else "")
+        blanked = sanitise_identity(header)
+        if blanked:
+            log.warning("invalid_identity_attributes_blanked", extra={"attributes": blanked})
         out.append(header)
     out.sort(key=lambda d: (_MODALITY_ORDER.get(str(d.Modality), 3), str(d.SeriesInstanceUID),
                             str(d.SOPInstanceUID)))
