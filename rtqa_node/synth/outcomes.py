@@ -3,11 +3,11 @@
 Models (doses in Gy or Gy(RBE), probabilities in [0, 1]); parameters in ``MODELS`` (also written to
 ground_truth.json):
 - xerostomia (salivary flow < 25 % of baseline at 1 year), a mixture of two mechanisms,
-  p = (1 - lambda) p_mean + lambda p_stem, lambda = 0.4 (the planted share, illustrative):
+  p = (1 - lambda) p_mean + lambda p_stem, lambda = 0.5 (the planted share, illustrative):
   * p_mean: LKB on the mean dose to both parotids, TD50 = 39.9 Gy, m = 0.40, n = 1 (Dijkema et al., IJROBP
     2010;78:449, combined Michigan-Utrecht parotid data);
-  * p_stem: logistic on the mean dose to the parotid stem-cell regions (both glands), D50 = 42 Gy, gamma50 =
-    1.5 (illustrative; the mechanism follows van Luijk et al., Sci Transl Med 2015;7:305ra147, where dose to
+  * p_stem: logistic on the mean dose to the parotid stem-cell regions (both glands), D50 = 35 Gy, gamma50 =
+    2.0 (illustrative; the mechanism follows van Luijk et al., Sci Transl Med 2015;7:305ra147, where dose to
     the region containing the stem/progenitor cells, not the whole-gland mean, predicted saliva loss). This is
     the spatial mechanism a whole-organ DVH model cannot see.
 - dysphagia (RTOG grade >= 2 at 6 months): logistic, S = -6.09 + 0.057 Dmean(Musc_Constrict_S) + 0.037
@@ -15,7 +15,8 @@ ground_truth.json):
   we read it; check the coefficients against the paper before relying on them);
 - local control at 2 years: logistic TCP on a clonogen-weighted gEUD of CTV_70 (a = -10; weights 1 in the GTV,
   0.3 in the CTV margin, so that a cold spot costs more in the gross tumour than in the margin),
-  TCD50 = 55 Gy x (GTV / 15 cc)^0.15, gamma50 = 2.5 (illustrative).
+  TCD50 = 62 Gy x (GTV / 15 cc)^0.15, gamma50 = 2.5 (illustrative; about 80 % control at 70 Gy, in the range
+  of 2-year local control after (chemo)radiotherapy for head-and-neck cancer).
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from scipy.stats import norm
 
 from rtqa_node.synth import schema
 
-STEM_SHARE = 0.4
+STEM_SHARE = 0.5
 MODELS = {
     "xerostomia": {
         "form": "p = (1 - lambda) * LKB(mean parotids) + lambda * logistic(mean stem-cell regions)",
         "lambda": STEM_SHARE,
         schema.MECHANISM_PAROTID_MEAN: {"td50_gy": 39.9, "m": 0.40, "n": 1.0,
                                         "citation": "Dijkema et al., Int J Radiat Oncol Biol Phys 2010;78:449-453"},
-        schema.MECHANISM_STEM_CELL_REGION: {"d50_gy": 42.0, "gamma50": 1.5, "illustrative": True,
+        schema.MECHANISM_STEM_CELL_REGION: {"d50_gy": 35.0, "gamma50": 2.0, "illustrative": True,
                                             "citation": "mechanism after van Luijk et al., Sci Transl Med "
                                                         "2015;7:305ra147; parameters illustrative"},
     },
@@ -43,8 +44,8 @@ MODELS = {
                                                  "(coefficients as read by us; verify)"},
     },
     "local_control": {
-        "form": "p = 1 / (1 + (TCD50 / gEUD)^(4 gamma50)), TCD50 = 55 Gy * (GTV / 15 cc)^0.15",
-        schema.MECHANISM_TCP: {"tcd50_gy": 55.0, "volume_exponent": 0.15, "gamma50": 2.5, "eud_a": -10.0,
+        "form": "p = 1 / (1 + (TCD50 / gEUD)^(4 gamma50)), TCD50 = 62 Gy * (GTV / 15 cc)^0.15",
+        schema.MECHANISM_TCP: {"tcd50_gy": 62.0, "volume_exponent": 0.15, "gamma50": 2.5, "eud_a": -10.0,
                                "weight_gtv": 1.0, "weight_ctv_margin": 0.3, "illustrative": True},
     },
 }

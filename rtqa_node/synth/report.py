@@ -57,7 +57,7 @@ def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(centre - half), float(centre + half)
+    return max(float(centre - half), 0.0), min(float(centre + half), 1.0)
 
 
 def _bins(x: np.ndarray, y: np.ndarray, p: np.ndarray, count: int) -> list[dict]:
