@@ -5,7 +5,8 @@
 Accuracy: the 80 usable rows of the Nelms et al. 2015 analytic suite (dvh-analytic/reference.csv), mean and max
 absolute error in % of the analytic value, per tool and metric. Speed: wall time over all structures of the
 complete clinical chain eclipse-breast-boost-fullct-weasis (RTSTRUCT + RTDOSE parsed from files, every structure
-with contours), median of --repeat runs per tool, and the ratio.
+with contours), --repeat runs per tool interleaved (dicompyler-core, rtqa-node, dicompyler-core, ...) so that load
+from other processes on a shared machine hits both alike, medians and their ratio.
 
 dicompyler-core 0.5.6 imports ``pydicom.dicomio.read_file``, which pydicom 3 removed (PEERS.md), so it runs in its
 own virtual environment, ``benchmarks/.venv-dicompyler`` (created here if missing; never the project's .venv),
@@ -125,18 +126,20 @@ def main() -> int:
     ss = read_structure_set(pydicom.dcmread(rs, force=True), rs)
     chain_jobs = [{"rtstruct": str(rs), "roi": s.roi_number, "rtdose": str(rd)} for s in ss.structures
                   if s.has_volume]
-    their_times = dicompyler(python, chain_jobs, args.repeat)["times_s"]
-    our_times = []
-    for _ in range(args.repeat):
+    ours_chain(rs, rd)  # warm-up: imports, page cache
+    our_times, their_times = [], []
+    for _ in range(args.repeat):  # interleaved, so that load from other processes hits both tools alike
+        their_times += dicompyler(python, chain_jobs, 1)["times_s"]
         t0 = time.perf_counter()
         n = ours_chain(rs, rd)
         our_times.append(time.perf_counter() - t0)
     ours_t, theirs_t = statistics.median(our_times), statistics.median(their_times)
-    print(f"\nwall time, all {n} structures of eclipse-breast-boost-fullct-weasis (files parsed, median of "
-          f"{args.repeat}):")
+    print(f"\nwall time, all {n} structures of eclipse-breast-boost-fullct-weasis (files parsed; {args.repeat} runs "
+          f"of each tool, interleaved; median):")
+    print(f"  machine         {machine()}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"  rtqa-node       {ours_t:8.3f} s   (runs: {', '.join(f'{t:.3f}' for t in our_times)})")
     print(f"  dicompyler-core {theirs_t:8.3f} s   (runs: {', '.join(f'{t:.3f}' for t in their_times)})")
-    print(f"  ratio           {theirs_t / ours_t:8.2f} x faster")
+    print(f"  ratio           {theirs_t / ours_t:8.2f} x faster (median / median)")
     return 0
 
 
