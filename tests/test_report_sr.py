@@ -4,8 +4,10 @@ for a plan that could not be analysed."""
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -145,12 +147,19 @@ def test_a_plan_that_could_not_be_analysed_gets_an_sr_that_says_so_and_why(synth
                          "comment": "Analysis not performed: PermanentError: no RTDOSE referencing the plan"}
 
 
-def test_invalid_identity_values_in_the_source_still_give_a_valid_sr(rt_data, tmp_path):
-    # this chain's headers hold a date "0001" and a sex "N/A": highdicom refuses to copy such values
+def test_invalid_identity_values_give_a_valid_sr_and_reach_no_log(rt_data, tmp_path, caplog):
+    # this chain's plan holds a birth date "0001" and a sex "N/A": highdicom refuses to copy such values, and
+    # pydicom's warnings about them quote the value (a birth date is PHI)
     folder = rt_data / "geant4-topas-for-mismatch"
     study = load_folder(folder)
-    (path,) = write_review_outputs(not_performed_review("frame of reference mismatch"), study, tmp_path,
-                                   plan_study_id="ps-g4", revision=1, kinds=("sr",))
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (path,) = write_review_outputs(not_performed_review("frame of reference mismatch"), study, tmp_path,
+                                       plan_study_id="ps-g4", revision=1, kinds=("sr",))
+    said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
+    assert not [m for m in said if "0001" in m or "N/A" in m], said
+    assert "invalid_identity_attributes_blanked" in [r.getMessage() for r in caplog.records]
     assert dciodvfy_errors(path) == []
     sr = pydicom.dcmread(path)
     plan = pydicom.dcmread(study.plans[0].file, stop_before_pixels=True, force=True)

@@ -85,6 +85,14 @@ def build_review_outputs(review: Review, study: PlanStudy | None, evidence: Sequ
     unknown = kinds - set(OUTPUT_KINDS)
     if unknown:
         raise ValueError(f"unknown output kinds {sorted(unknown)}; known: {OUTPUT_KINDS}")
+    with sr.quiet_identity_validation():
+        return _build(review, study, evidence, plan_study_id=plan_study_id, revision=revision, kinds=kinds,
+                      predecessors=predecessors, risk=risk)
+
+
+def _build(review: Review, study: PlanStudy | None, evidence: Sequence[Dataset], *, plan_study_id: str,
+           revision: int, kinds: set[str], predecessors: Sequence[Dataset],
+           risk: riskmap.RiskMap | None) -> ReviewOutputs:
     plan = _plan_header(evidence)
 
     def uids(kind: str) -> dict:

@@ -31,10 +31,12 @@ qualitative evaluations only, while TID 1501 also allows them as TEXT.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import uuid
+import warnings
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -81,6 +83,23 @@ def _valid_date(value: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def quiet_identity_validation():
+    """pydicom and highdicom warn about invalid values by quoting them (a birth date, a patient name), and pydicom
+    logs the warning too: no PHI may reach the logs, so value validation is off while result objects are built
+    from the reviewed objects' identity (``sanitise_identity`` does the checking that matters here)."""
+    settings = pydicom.config.settings
+    saved = settings.reading_validation_mode, settings.writing_validation_mode
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"The string .* person name", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"Invalid value for VR", category=UserWarning)
+            yield
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = saved
+
+
 def sanitise_identity(ds: Dataset) -> list[str]:
     """Blank patient/study attributes whose values are not valid for their VR (a birth date "0001", a sex
     "N/A"): highdicom refuses to copy them, and every result must still be written. They are Type 2, so empty
@@ -101,6 +120,11 @@ def sanitise_identity(ds: Dataset) -> list[str]:
 def read_evidence(paths: Sequence[Path]) -> list[Dataset]:
     """Headers of the reviewed objects, plan first (its patient/study become the SR's), then RTSTRUCT, RTDOSE,
     images. Files that are not DICOM or have no SOP Instance UID are left out."""
+    with quiet_identity_validation():
+        return _read_evidence(paths)
+
+
+def _read_evidence(paths: Sequence[Path]) -> list[Dataset]:
     out = []
     for path in paths:
         try:
