@@ -237,7 +237,7 @@ def _intent(rng: np.random.Generator, planted: list[dict], site: SiteProfile, ph
     ipsi = float(rng.uniform(22.0, 44.0)) + site.parotid_sparing_offset_gy - 8.0 * effort - ion_bonus
     contra = float(np.clip(contra, 5.0, 24.0))
     if "oar_constraint" in by_code:
-        contra = float(rng.uniform(27.5, 29.5) if by_code["oar_constraint"] == "minor" else rng.uniform(32.0, 38.0))
+        contra = float(rng.uniform(31.5, 34.5) if by_code["oar_constraint"] == "minor" else rng.uniform(38.0, 42.0))
         ipsi = max(ipsi, contra + 2.0)
     parotids = ({"Parotid_L": ipsi, "Parotid_R": contra} if phantom.tumour_side == "L"
                 else {"Parotid_L": contra, "Parotid_R": ipsi})
@@ -259,6 +259,8 @@ def _intent(rng: np.random.Generator, planted: list[dict], site: SiteProfile, ph
         extra_sparing={name: round(k * effort, 4) for name, k in EFFORT_SPARING.items()},
         stem_modulation=stem,
         hot_spot_pct=hot,
+        raise_to_max=tuple(name for code, name in (("cord_overdose", "SpinalCord"), ("brainstem_overdose", "Brainstem"))
+                           if code in by_code),
     ), fractions
 
 

@@ -77,6 +77,7 @@ class DoseIntent:
     extra_sparing: dict | None = None  # organ -> fraction 0..0.6 of dose removed around it (effort)
     stem_modulation: dict | None = None  # "Parotid_L"/"Parotid_R" -> k: dose x (1 - k w_stem)
     hot_spot_pct: float = 0.0  # a smooth hot spot of this height inside PTV_70
+    raise_to_max: tuple[str, ...] = ()  # organs whose maximum is raised to the intent if the geometry gives less
 
 
 def _profile(d_mm: np.ndarray, b: float, length_mm: float, sigma_mm: float = PENUMBRA_SIGMA_MM) -> np.ndarray:
@@ -193,7 +194,7 @@ def compute_dose(phantom: Phantom, grid: Grid, rng: np.random.Generator, intent:
                 mid = 0.5 * (lo + hi)
                 lo, hi = (mid, hi) if float(np.max(d_in * (1.0 - mid * w_in))) > target else (lo, mid)
             dose[win] *= 1.0 - 0.5 * (lo + hi) * w
-        else:  # a hotter plan than the geometry alone gives (e.g. a planted cord overdose): add a hot streak
+        elif name in intent.raise_to_max:  # a planted overdose the geometry alone does not give: a hot streak
             lo, hi = 0.0, target
             for _ in range(40):
                 mid = 0.5 * (lo + hi)
