@@ -66,13 +66,16 @@ def test_sr_round_trips_through_highdicom_with_constraints_predictions_and_versi
     assert len(groups) == 1 + len(review.findings) + len(review.constraints) + len(review.predictions)
     assert groups[0].finding_type.meaning == "Radiotherapy plan review"
     cord = next(g for g in groups if g.finding_type.value == "RTQA-C-oar_cord_max")
-    (value,) = cord.get_measurements()
-    assert value.value == pytest.approx(38.2) and value.unit.value == "Gy"
+    value, per_protocol, minor = cord.get_measurements()
+    assert value.value == pytest.approx(38.2) and value.unit.value == "Gy" and value.name.value == "RTQA-M-D0.03cc"
+    assert (per_protocol.value, minor.value) == (pytest.approx(30.0), pytest.approx(35.0))
     text = dsrdump(path)
     # every computable constraint value with its UCUM unit, every category, the limits
     assert 'NUM:(,,"D0.03cc")="38.2" (Gy,UCUM,"Gy")' in text
     assert 'NUM:(,,"Dmean")="27.5" (Gy,UCUM,"Gy")' in text
     assert 'TEXT:(,,"Per protocol limit")="D95% >= 68.6 Gy"' in text
+    assert 'NUM:(,,"Per protocol limit value")="68.6" (Gy,UCUM,"Gy")' in text
+    assert 'NUM:(,,"Minor deviation limit value")="66.5" (Gy,UCUM,"Gy")' in text
     categories = re.findall(r'"Protocol constraint category"\)=\([^,]+,[^,]+,"([^"]+)"\)', text)
     assert categories == ["Major deviation", "Minor deviation", "Per protocol", "Not Evaluated"]
     # model predictions: probability, top instances with attention weights, model name and version

@@ -68,6 +68,9 @@ PROTOCOL = _rtqa("RTQA-PROTOCOL", "Protocol")
 STRUCTURE = _rtqa("RTQA-STRUCTURE", "Structure name (TG-263)")
 PER_PROTOCOL_LIMIT = _rtqa("RTQA-LIMIT-PP", "Per protocol limit")
 MINOR_DEVIATION_LIMIT = _rtqa("RTQA-LIMIT-MINOR", "Minor deviation limit")
+#: the same limits as numbers (NUM), the direction being in the TEXT items above
+PER_PROTOCOL_LIMIT_VALUE = _rtqa("RTQA-LIMIT-PP-V", "Per protocol limit value")
+MINOR_DEVIATION_LIMIT_VALUE = _rtqa("RTQA-LIMIT-MINOR-V", "Minor deviation limit value")
 CONTRIBUTING_INSTANCE = _rtqa("RTQA-INSTANCE", "Contributing instance")
 #: measurement names
 PROBABILITY = codes.DCM.Probability  # DCM 122157 "Probability"

@@ -14,8 +14,9 @@ Content tree (PS3.16 TID 1500, each measurement group a TID 1501 "Measurement Gr
   *Comment* (the message for a physicist), TEXT *Structure*, and a numeric measurement (TID 300) for every
   number behind the finding, the unit taken from the key's suffix (``_gy`` -> Gy).
 - One group per protocol constraint: finding type *Protocol constraint* + the constraint id, a TID 300
-  measurement named by the metric (Dmax -> DCM 130004) with its UCUM unit, qualitative evaluation *Protocol
-  constraint category*, TEXT per-protocol and minor-deviation limits and the structure.
+  measurement named by the metric (Dmax -> DCM 130004) with its UCUM unit, the per-protocol and minor-deviation
+  limits as numbers (NUM) and as text with their direction (TEXT "D95% >= 68.6 Gy"), qualitative evaluation
+  *Protocol constraint category*, the structure.
 - One group per model prediction: algorithm = model and model version, finding type = the target (SCT where one
   exists), measurement *Probability* (DCM 122157, no units) and one *Attention weight* per top contributing
   instance, each with a tracking identifier naming the instance (organ, metric).
@@ -208,16 +209,37 @@ def _finding_group(review: Review, finding: Finding, uid: str, i: int):
     return _with_text(group, texts)
 
 
+_LIMIT = re.compile(r"^\s*(<=|>=|<|>|≤|≥)\s*(-?[0-9]+(?:\.[0-9]*)?)\s*(\S+)\s*$")
+
+
+def _limit_value(text: str | None) -> tuple[float, str] | None:
+    """``"<= 26 Gy"`` -> (26.0, "Gy"); None when the text is not one bound with a unit known to codes.unit."""
+    match = _LIMIT.match(text or "")
+    if not match:
+        return None
+    try:
+        codes.unit(match.group(3))
+    except ValueError:
+        return None
+    return float(match.group(2)), match.group(3)
+
+
 def _constraint_group(review: Review, c, uid: str, i: int):
-    measurements = None
+    measurements = []
     if c.value is not None and _finite(c.value):
-        measurements = [hd.sr.Measurement(name=codes.metric(c.metric), value=float(c.value), unit=codes.unit(c.unit))]
+        measurements.append(hd.sr.Measurement(name=codes.metric(c.metric), value=float(c.value),
+                                              unit=codes.unit(c.unit)))
+    for name, text in ((codes.PER_PROTOCOL_LIMIT_VALUE, c.per_protocol),
+                       (codes.MINOR_DEVIATION_LIMIT_VALUE, c.minor)):
+        limit = _limit_value(text)
+        if limit is not None:
+            measurements.append(hd.sr.Measurement(name=name, value=limit[0], unit=codes.unit(limit[1])))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(uid, f"Constraint {c.constraint_id}: {c.structure} {c.metric}", 2000 + i),
         finding_type=codes.constraint(c.constraint_id),
         finding_category=codes.PROTOCOL_CONSTRAINT,
         algorithm_id=_algorithm(review),
-        measurements=measurements,
+        measurements=measurements or None,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.CONSTRAINT_CATEGORY,
                                                              codes.CATEGORY_VALUES[c.category])],
     )
