@@ -156,6 +156,7 @@ def contour_variability(patients: list[dict]) -> dict:
 
 
 def _png(fig) -> bytes:
+    fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
     return buffer.getvalue()
@@ -231,7 +232,6 @@ def _plots(patients: list[dict], rec: dict, kappas: dict | None) -> dict[str, by
         ax.set_title(f"Contouring margin per site, {period.replace('_', ' ')}")
         ax.set_ylabel("mean applied margin (mm)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
     out["contours.png"] = _png(fig)
     plt.close(fig)
     return out
