@@ -209,9 +209,10 @@ def _windowed_signed_distances(cov: list[np.ndarray], delta_mm: float, margin: i
     """:func:`signed_distance` of each plane, computed in a window: the bounding box of its own and its
     neighbours' shapes plus ``margin`` pixels. Exact inside the window (a shape's nearest inside and outside
     pixels lie within its box plus one pixel); outside it, where every pixel is farther than ``margin`` pixels
-    from the three shapes, a large positive value, which leaves the interpolated coverage (0 there) and the
-    iso-level (set by the pixels nearest the shapes) unchanged. Saves most of the distance transforms' time on
-    structures whose planes vary in size."""
+    from the three shapes, a large positive value. The interpolated coverage there is 0 either way; the SMOOTH
+    iso-level can move where its target area reaches past the window (a plane two away is larger), which changed
+    23 of 108 k samples of one clinical structure and no Nelms result. Saves the distance transforms' time on
+    the empty parts of the lattice for structures whose planes vary in size."""
     n = len(cov)
     boxes = []
     for c in cov:
