@@ -34,6 +34,7 @@ from pydicom.errors import InvalidDicomError
 
 from rtqa_node.errors import InputError
 from rtqa_node.log import uid_ref
+from rtqa_node.store.describe import frame_of_reference
 from rtqa_node.store.encoding import EncodingError, check_dataset_encoding, read_part10_header
 
 log = logging.getLogger(__name__)
@@ -420,16 +421,8 @@ def _ds_points(contour_data) -> np.ndarray:
 
 
 def _frame_of_reference(ds: Dataset) -> str | None:
-    uid = ds.get("FrameOfReferenceUID")
-    if uid:
-        return str(uid)
-    for item in ds.get("ReferencedFrameOfReferenceSequence", []):
-        if item.get("FrameOfReferenceUID"):
-            return str(item.FrameOfReferenceUID)
-    for item in ds.get("StructureSetROISequence", []):
-        if item.get("ReferencedFrameOfReferenceUID"):
-            return str(item.ReferencedFrameOfReferenceUID)
-    return None
+    """As the store reads it (RTSTRUCTs without a top-level one use the referenced one), None when absent."""
+    return frame_of_reference(ds) or None
 
 
 def read_structure_set(ds: Dataset, path: Path) -> StructureSet:

@@ -73,7 +73,7 @@ def describe(ds: Dataset) -> ObjectDescription:
     """
     return _description(
         ds.get,
-        frame_of_reference_uid=_frame_of_reference(ds),
+        frame_of_reference_uid=frame_of_reference(ds),
         references=tuple(sorted(set(_references(ds)))),
     )
 
@@ -155,7 +155,7 @@ def _description(get, *, frame_of_reference_uid: str, references: tuple) -> Obje
     )
 
 
-def _frame_of_reference(ds: Dataset) -> str:
+def frame_of_reference(ds: Dataset) -> str:
     """Top-level FrameOfReferenceUID, or for RTSTRUCTs that omit it (several TPSs do) the referenced one."""
     uid = str(ds.get("FrameOfReferenceUID", "") or "")
     if uid:
