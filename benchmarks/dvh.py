@@ -20,7 +20,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from rtqa_node.rt.dvh import structure_dvh  # noqa: E402
 from rtqa_node.rt.plan_study import read_dose, read_structure_set  # noqa: E402
+
+from machine import describe_machine  # noqa: E402  (benchmarks/ is the script's folder)
 
 DATA = Path(os.environ.get("RTQA_TEST_DATA", REPO.parent / "shared" / "data" / "rt"))
 VENV = REPO / "benchmarks" / ".venv-dicompyler"
@@ -73,15 +74,7 @@ def ours_chain(rtstruct: Path, rtdose: Path) -> int:
 
 
 def machine() -> str:
-    model = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs, {model}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return describe_machine()
 
 
 def main() -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import pstats
 import shutil
 import signal
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from machine import describe_machine  # benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parent.parent
 RT_DATA = Path(os.environ.get("RTQA_TEST_DATA", REPO.parent / "shared" / "data" / "rt"))
@@ -189,15 +190,7 @@ class Orthanc:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()}: {os.cpu_count()} cores, {model}, Python {platform.python_version()}, {platform.system()}"
+    return describe_machine()
 
 
 def main() -> int:
