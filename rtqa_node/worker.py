@@ -95,7 +95,12 @@ def run_review(files: Sequence[Path], *, configured_protocol: str | None = None)
     study that cannot be loaded gives a not-evaluable Review, not an exception."""
     from rtqa_node.checks.pipeline import load_and_review
 
-    return load_and_review(files, configured_protocol=configured_protocol)
+    review = load_and_review(files, configured_protocol=configured_protocol)
+    if os.environ.get("RTQA_ML") == "1":  # opt-in until report/ shows the predictions (docs, Models)
+        from rtqa_node.ml.inference import add_predictions
+
+        review = add_predictions(review, files)
+    return review
 
 
 #: The review the worker runs; replace this one function (or pass ``review=`` to :class:`Worker`).

@@ -24,7 +24,6 @@ import numpy as np
 
 from rtqa_node.ml.bags import (
     CONSTRAINTS,
-    PAROTID_SPARED_MEAN_GY,
     PATCH_SHAPE,
     PROTOCOL_FRACTIONS,
     STRUCTURE_VOCAB,
@@ -41,6 +40,9 @@ from rtqa_node.ml.mil import VERDICT_CLASSES
 log = logging.getLogger(__name__)
 
 ENDPOINTS = ("xerostomia", "dysphagia", "local_control")
+#: the synthetic protocol's grading of the better-spared parotid mean (synth/protocol.py: deviation above 30 Gy,
+#: minor up to 36 Gy; the 26 Gy objective is a bag feature, bags.PAROTID_SPARED_MEAN_GY)
+RULE_PAROTID_SPARED_MEAN_GY = (30.0, 36.0)
 #: the DVH metrics the baselines see: (structure, metric) in Gy / cc, plus fractions
 DVH_COLUMNS = (
     ("Parotid_L", "mean_gy"), ("Parotid_R", "mean_gy"), ("Parotid_L", "volume_cc"), ("Parotid_R", "volume_cc"),
@@ -163,8 +165,8 @@ def protocol_verdict(dvh: np.ndarray) -> np.ndarray:
         major_dev = sign * (value - minor) > 0
         worst = np.maximum(worst, np.where(major_dev, 2, np.where(minor_dev, 1, 0)))
     spared = np.fmin(dvh[:, col[("Parotid_L", "mean_gy")]], dvh[:, col[("Parotid_R", "mean_gy")]])
-    worst = np.maximum(worst, np.where(spared > PAROTID_SPARED_MEAN_GY[1], 2,
-                                       np.where(spared > PAROTID_SPARED_MEAN_GY[0], 1, 0)))
+    worst = np.maximum(worst, np.where(spared > RULE_PAROTID_SPARED_MEAN_GY[1], 2,
+                                       np.where(spared > RULE_PAROTID_SPARED_MEAN_GY[0], 1, 0)))
     dev = np.abs(dvh[:, -1] - PROTOCOL_FRACTIONS)
     worst = np.maximum(worst, np.where(dev > 2, 2, np.where(dev > 0, 1, 0)))
     return worst
