@@ -268,7 +268,8 @@ def write_model_card(model: TrainedModel, folder: Path, evaluation: dict | None 
         "per-voxel risk map).", "",
         "## Data",
         f"- Synthetic head-and-neck cohort from `rtqa_node.synth` (`simulate_patient`), seed {data.get('seed')}, "
-        f"{data.get('patients')} patients, {data.get('sites')} sites; patient-level split: "
+        f"{data.get('patients')} patients, {data.get('sites')} sites, generator source digest "
+        f"{data.get('synth_digest', 'not recorded')} (`ml.dataset._SOURCE_DIGEST`); patient-level split: "
         f"{r.get('train_patients')} train / {r.get('val_patients')} validation (split seed {c.seed}).",
         "- Labels: three simulated reviewers' verdicts per plan; outcomes drawn from the generator's dose-response "
         "models (see docs/architecture.md, Synthetic cohort). No patient data.", "",
@@ -298,6 +299,9 @@ def write_model_card(model: TrainedModel, folder: Path, evaluation: dict | None 
         "- Trained only on a synthetic phantom cohort (one protocol, HN-SYNTH-SIB-70-56, photon IMRT); structure "
         "names must be TG-263 as in that cohort, others fall into one 'unknown' embedding.",
         "- Outcome labels come from the generator's own models; performance on real outcomes is unknown.",
-        "- Attention is a description of what the model weighted, not a causal explanation.", "",
+        "- Attention is a description of what the model weighted, not a causal explanation.",
+        "- Acceptance (issue 9): see models/evaluation/report.md; this version does not meet the criteria there "
+        "(it does not beat the whole-organ NTCP baseline, and the spatial risk map does not find the planted "
+        "sub-region).", "",
     ]
     (Path(folder) / "MODEL_CARD.md").write_text("\n".join(lines))
