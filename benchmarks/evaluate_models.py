@@ -16,9 +16,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rtqa_node.ml.dataset import simulate_cohort  # noqa: E402
-from rtqa_node.ml.evaluate import evaluate, markdown  # noqa: E402
-from rtqa_node.ml.train import WEIGHTS_NAME, TrainedModel  # noqa: E402
+from rtqa_node.ml.dataset import simulate_cohort
+from rtqa_node.ml.evaluate import evaluate, markdown
+from rtqa_node.ml.train import WEIGHTS_NAME, TrainedModel
 
 
 def main() -> int:

@@ -24,12 +24,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rtqa_node.checks.pipeline import review_plan_study  # noqa: E402
-from rtqa_node.ml.bags import bags_from_plan_study  # noqa: E402
-from rtqa_node.ml.inference import _review_metrics, predict_bags  # noqa: E402
-from rtqa_node.ml.train import WEIGHTS_NAME, TrainedModel  # noqa: E402
-from rtqa_node.rt.plan_study import load_folder  # noqa: E402
-from rtqa_node.synth.cohort import CohortConfig, generate_cohort  # noqa: E402
+from rtqa_node.checks.pipeline import review_plan_study
+from rtqa_node.ml.bags import bags_from_plan_study
+from rtqa_node.ml.inference import _review_metrics, predict_bags
+from rtqa_node.ml.train import WEIGHTS_NAME, TrainedModel
+from rtqa_node.rt.plan_study import load_folder
+from rtqa_node.synth.cohort import CohortConfig, generate_cohort
 
 
 def main() -> int:

@@ -212,6 +212,7 @@ def _add_cohort_args(p, *, default_seed: int, default_patients: int) -> None:
 
 
 def _cohort(args):
+    from rtqa_node.ml.dataset import _synth_source_digest as source_digest
     from rtqa_node.ml.dataset import cohort_from_folder, simulate_cohort
 
     if args.data is not None:
@@ -224,7 +225,8 @@ def _cohort(args):
     if args.patients < 4:
         raise InputError(f"--patients must be >= 4, got {args.patients}")
     return (simulate_cohort(patients=args.patients, seed=args.seed, sites=args.sites, cache_dir=args.cache),
-            {"source": "synthetic", "patients": args.patients, "seed": args.seed, "sites": args.sites})
+            {"source": "synthetic", "patients": args.patients, "seed": args.seed, "sites": args.sites,
+             "synth_digest": source_digest()})
 
 
 def _add_train(sub) -> None:
@@ -234,6 +236,9 @@ def _add_train(sub) -> None:
                    help="model(s) to train (repeatable; default all four)")
     p.add_argument("--out", type=Path, default=Path("models"), help="folder for models/<name>/ (default models)")
     p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (default 10)")
+    p.add_argument("--entropy-weight", type=float, default=0.05,
+                   help="voxel-attention entropy prior of spatial and fused models (default 0.05)")
     p.add_argument("--train-seed", type=int, default=0, help="split and initialisation seed (default 0)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
@@ -246,7 +251,8 @@ def _run_train(args: argparse.Namespace) -> int:
     cohort, data = _cohort(args)
     out = []
     for kind in args.model or ["tabular", "tabular_mean", "spatial", "fused"]:
-        model = train(cohort, TrainConfig(model=kind, epochs=args.epochs, seed=args.train_seed,
+        model = train(cohort, TrainConfig(model=kind, epochs=args.epochs, patience=args.patience,
+                                          attention_entropy_weight=args.entropy_weight, seed=args.train_seed,
                                           threads=args.threads), name=kind)
         model.record["data"] = data
         model.save(args.out / kind)

@@ -179,7 +179,7 @@ def _synth_source_digest() -> str:
 
 
 def _digest_now() -> str:
-    import rtqa_node.synth as synth
+    from rtqa_node import synth
     from rtqa_node.ml.bags import BAGS_VERSION
 
     h = hashlib.sha256(BAGS_VERSION.encode())
@@ -337,7 +337,7 @@ def cohort_from_folder(folder: Path, labels_csv: Path | None = None) -> Cohort:
         entry = truth[name].get("subregion") or {}
         if entry.get("path") and (folder / entry["path"]).exists():
             with np.load(folder / entry["path"]) as z:
-                sub = z["mask_dose"] if "mask_dose" in z else None
+                sub = z.get("mask_dose")
         plan = study.plan
         records.append((bags, labels_from_truth(truth[name]),
                         dvh_row(metrics, plan.number_of_fractions if plan else None), sub, name))

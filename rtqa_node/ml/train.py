@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from rtqa_node.ml.dataset import Cohort
 from rtqa_node.ml.fusion import FusedMil
-from rtqa_node.ml.mil import BINARY_TARGETS, TASKS, VERDICT_CLASSES, TabularConfig, TabularMil
+from rtqa_node.ml.mil import BINARY_TARGETS, VERDICT_CLASSES, TabularConfig, TabularMil
 from rtqa_node.ml.spatial import SpatialConfig, SpatialMil, attention_entropy
 
 log = logging.getLogger(__name__)
