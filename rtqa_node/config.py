@@ -42,7 +42,7 @@ class TlsSettings(_Strict):
     require_client_cert: bool = False
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TlsSettings":
+    def _consistent(self) -> TlsSettings:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("tls.cert_file and tls.key_file must be given together")
         if self.require_client_cert and self.ca_file is None:
