@@ -321,8 +321,15 @@ def _add_review(sub) -> None:
     p.add_argument("--reference", type=Path, help="a second RTSTRUCT (file or folder) to compare the contours with")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout (Review.to_json())")
     p.add_argument("--out", type=Path, help="also write review.json (and the node's outputs) into this folder")
+    p.add_argument("--verdict-exit-code", action="store_true",
+                   help="exit with the verdict instead of 0: 0 per protocol, 3 minor, 4 major, 5 not evaluable "
+                   "(for scripts and CI gates; 1 and 2 keep their meaning)")
     _add_data_dir(p)
     p.set_defaults(run=_run_review)
+
+
+#: ``rtqa review --verdict-exit-code``: an extension of the contract's "0 whatever the verdict".
+VERDICT_EXIT_CODES = {"per_protocol": 0, "minor": 3, "major": 4, "not_evaluable": 5}
 
 
 def _review_files(args: argparse.Namespace) -> tuple[list[Path], str | None, int]:
@@ -386,7 +393,7 @@ def _run_review(args: argparse.Namespace) -> int:
         print_json(document)
     else:
         sys.stdout.write(format_review(review))
-    return 0
+    return VERDICT_EXIT_CODES[review.verdict.value] if args.verdict_exit_code else 0
 
 
 COMMANDS.append(_add_review)

@@ -101,3 +101,11 @@ def test_the_plans_clinical_trial_protocol_id_selects_the_protocol(rt_data, tmp_
     selection = choose_protocol(load_folder(tmp_path))
     assert (selection.protocol.id, selection.how) == ("NRG-RTOG-STYLE-HN", "clinical_trial_protocol_id")
     assert choose_protocol(load_folder(tmp_path), explicit="QUANTEC-HN").protocol.id == "QUANTEC-HN"
+
+
+def test_verdict_exit_code_is_opt_in(rt_data):
+    """0 whatever the verdict by contract; --verdict-exit-code maps the verdict for CI gates."""
+    incomplete = rt_data / "raystation-proton-beamdose-aptg"  # no RTSTRUCT: not evaluable
+    assert _rtqa("review", incomplete).returncode == 0
+    assert _rtqa("review", incomplete, "--verdict-exit-code").returncode == 5
+    assert _rtqa("review", rt_data / "eclipse-breast-boost-fullct-weasis", "--verdict-exit-code").returncode == 0
