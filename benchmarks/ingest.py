@@ -9,7 +9,9 @@ storescu sends everything in one association with TCP_NODELAY=1 (PEERS.md). Prin
 (medians), the ratios rtqa/storescp and rtqa/orthanc, and the machine. rtqa is measured as configured by
 default (event-driven reactor wake-ups, ``rtqa_node/dicom/wakeup.py``) and with pynetdicom's polling reactors
 (its own 1 ms, and 0.2 ms), to show what the wake-ups buy.
-With ``--profile`` the rtqa node also runs under cProfile and the top functions are printed.
+With ``--profile`` one more rtqa run is sampled with py-spy (``pip install -e '.[bench]'``; wall clock, idle
+included) and the time of the thread that serves the association is broken down by function: cProfile would
+see only the main thread, which does nothing while the SCP's threads work.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pstats
 import shutil
 import signal
 import socket
@@ -107,9 +108,9 @@ def send(port: int, called_ae: str, data: Path, expected: int) -> float:
 class Rtqa:
     name = "rtqa serve"
 
-    def __init__(self, poll_s: float | None = None, profile: Path | None = None) -> None:
+    def __init__(self, poll_s: float | None = None) -> None:
         """``poll_s``: run with pynetdicom's polling reactors at this interval instead of the wake-ups."""
-        self.poll_s, self.profile = poll_s, profile
+        self.poll_s = poll_s
         if poll_s is not None:
             self.name = f"rtqa serve (polling every {poll_s * 1000:g} ms)"
 
@@ -119,10 +120,7 @@ class Rtqa:
         if self.poll_s is not None:
             env["RTQA_NETWORK_POLL_S"] = str(self.poll_s)
             env["RTQA_NETWORK_WAKEUPS"] = "false"
-        command = [sys.executable]
-        if self.profile is not None:
-            command += ["-m", "cProfile", "-o", str(self.profile)]
-        command += ["-m", "rtqa_node", "serve", "--data-dir", str(data_dir), "--port", "0"]
+        command = [sys.executable, "-m", "rtqa_node", "serve", "--data-dir", str(data_dir), "--port", "0"]
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         cwd=REPO)
         node_file = data_dir / "node.json"
@@ -199,7 +197,8 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--extra-poll-s", type=float, nargs="*", default=[],
                         help="also measure rtqa with polling reactors at these intervals (s)")
-    parser.add_argument("--profile", action="store_true", help="profile one extra rtqa run and print the top")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample one extra rtqa run with py-spy and print where the association thread's time goes")
     args = parser.parse_args()
     if shutil.which("storescu") is None:
         raise SystemExit("DCMTK is not installed (scripts/setup installs it)")
@@ -240,16 +239,42 @@ def main() -> int:
         print(f"ratio rtqa wake-ups / polling 1 ms: {rtqa / rates[receivers[1].name]:.2f}, "
               f"/ polling 0.2 ms: {rtqa / rates[receivers[2].name]:.2f}")
         if args.profile:
-            profile = tmp / "rtqa.prof"
-            receiver = Rtqa(profile=profile)
-            work = tmp / "profile"
-            work.mkdir()
-            port = receiver.start(work)
-            send(port, receiver.called_ae, data, objects)
-            receiver.stop()
-            print("\nwhere rtqa's time goes (cProfile, cumulative, top 25):")
-            pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(25)
+            profile_association_thread(tmp, data, objects)
     return 0
+
+
+def profile_association_thread(tmp: Path, data: Path, objects: int, top: int = 30) -> None:
+    """Sample a node with py-spy while storescu sends; print inclusive wall time per function for the thread
+    that serves the association (pynetdicom's ``Association.run_reactor``)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        print("\n--profile: py-spy not installed (pip install -e '.[bench]')")
+        return
+    receiver = Rtqa()
+    work = tmp / "profile"
+    work.mkdir()
+    port = receiver.start(work)
+    raw = tmp / "spy.txt"
+    spy = subprocess.Popen([py_spy, "record", "-p", str(receiver.process.pid), "-o", str(raw), "-f", "raw",
+                            "-r", "1000", "--idle", "-d", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    send(port, receiver.called_ae, data, objects)
+    spy.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
+    spy.wait(60)
+    receiver.stop()
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f.split(" (")[0] for f in stack.split(";")]
+        if "Association.run_reactor" not in frames:
+            continue
+        total += int(count)
+        for name in set(frames):
+            inclusive[name] = inclusive.get(name, 0) + int(count)
+    print(f"\nwhere the association thread's time goes (py-spy, wall clock incl. waits, {total} samples of 1 ms):")
+    for name, count in sorted(inclusive.items(), key=lambda item: -item[1])[:top]:
+        print(f"  {100 * count / max(total, 1):5.1f} %  {name}")
 
 
 if __name__ == "__main__":
