@@ -16,15 +16,14 @@ import io
 import re
 import textwrap
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
 
 import rtqa_node
 from rtqa_node.errors import InputError
+from rtqa_node.report.header import result_dataset
 from rtqa_node.report.kinds import ENCAPSULATED_PDF_STORAGE
 from rtqa_node.report.riskmap import RiskMap, plan_structures
 from rtqa_node.review import Review, Severity, Verdict
@@ -265,32 +264,13 @@ def render_summary(review: Review, study: PlanStudy | None, risk: RiskMap | None
 def encapsulated_pdf(pdf_bytes: bytes, plan: Dataset, *, sop_instance_uid: str, series_instance_uid: str,
                      instance_number: int, document_title: str) -> Dataset:
     """An Encapsulated PDF object (PS3.3 A.45.1) in the plan's patient and study."""
-    now = datetime.now(UTC)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ENCAPSULATED_PDF_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    if plan.get("SpecificCharacterSet"):
-        ds.SpecificCharacterSet = plan.SpecificCharacterSet
-    ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = now.strftime("%H%M%S")
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
-                    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName"):
-        setattr(ds, keyword, plan.get(keyword, "") or "")
-    ds.Modality = "DOC"
-    ds.SeriesInstanceUID = series_instance_uid
-    ds.SeriesNumber = PDF_SERIES_NUMBER
-    ds.SeriesDescription = "RTQA plan review summary"
-    ds.Manufacturer = "rtqa-node"
-    ds.SoftwareVersions = rtqa_node.__version__
+    ds = result_dataset(plan, sop_class_uid=ENCAPSULATED_PDF_STORAGE, sop_instance_uid=sop_instance_uid,
+                        modality="DOC", series_instance_uid=series_instance_uid, series_number=PDF_SERIES_NUMBER,
+                        series_description="RTQA plan review summary", instance_number=instance_number)
     ds.ConversionType = "WSD"  # workstation
-    ds.InstanceNumber = instance_number
     ds.ContentDate = ds.InstanceCreationDate
     ds.ContentTime = ds.InstanceCreationTime
-    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    ds.AcquisitionDateTime = ds.InstanceCreationDate + ds.InstanceCreationTime
     ds.BurnedInAnnotation = "NO"  # the page prints no patient name or ID
     ds.DocumentTitle = document_title[:64]
     ds.ConceptNameCodeSequence = []

@@ -27,18 +27,17 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian
 
 import rtqa_node
 from rtqa_node.errors import InputError
 from rtqa_node.report import codes
+from rtqa_node.report.header import result_dataset
 from rtqa_node.review import Review
 from rtqa_node.rt.geometry import rasterise_to_grid
 from rtqa_node.rt.plan_study import RT_DOSE_STORAGE, GridGeometry, PlanStudy, Structure, plan_dose
@@ -189,30 +188,12 @@ def riskmap_rtdose(risk: RiskMap, plan: Dataset, *, sop_instance_uid: str,
         of a quantity that is not dose) mandatory.
     """
     g = risk.geometry
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = RT_DOSE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    if plan.get("SpecificCharacterSet"):
-        ds.SpecificCharacterSet = plan.SpecificCharacterSet
-    now = datetime.now(UTC)
-    ds.SOPClassUID = RT_DOSE_STORAGE
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = now.strftime("%H%M%S")
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
-                    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName"):
-        setattr(ds, keyword, plan.get(keyword, "") or "")
-    ds.Modality = "RTDOSE"
-    ds.SeriesInstanceUID = series_instance_uid
-    ds.SeriesNumber = RISKMAP_SERIES_NUMBER
-    ds.SeriesDescription = "RTQA risk map - NOT DOSE (relative, 0-1)"
+    ds = result_dataset(plan, sop_class_uid=RT_DOSE_STORAGE, sop_instance_uid=sop_instance_uid, modality="RTDOSE",
+                        series_instance_uid=series_instance_uid, series_number=RISKMAP_SERIES_NUMBER,
+                        series_description="RTQA risk map - NOT DOSE (relative, 0-1)",
+                        instance_number=instance_number)
     ds.OperatorsName = ""
-    ds.Manufacturer = "rtqa-node"
     ds.ManufacturerModelName = "rtqa-node plan review"
-    ds.SoftwareVersions = rtqa_node.__version__
-    ds.InstanceNumber = instance_number
     ds.ContentDate = ds.InstanceCreationDate
     ds.ContentTime = ds.InstanceCreationTime
     ds.FrameOfReferenceUID = risk.frame_of_reference_uid
