@@ -111,32 +111,7 @@ def plan_dataset(spec: PlanSpec, ctx: StudyContext, *, uid_key: str, rtstruct_ui
     ds.PrescriptionDescription = (
         f"SIB: PTV_70 {spec.ptv70_rx_gy:g} Gy, PTV_56 {spec.ptv56_rx_gy:g} Gy, {spec.fractions} fractions"
     )
-    refs = []
-    for number, (roi, kind, dose_gy) in enumerate(
-        (("PTV_70", "TARGET", spec.ptv70_rx_gy), ("PTV_56", "TARGET", spec.ptv56_rx_gy),
-         ("SpinalCord", "ORGAN_AT_RISK", spec.cord_limit_gy)), start=1
-    ):
-        if roi not in roi_numbers:  # a planted missing OAR
-            continue
-        item = Dataset()
-        item.DoseReferenceNumber = number
-        item.DoseReferenceUID = synth_uid(uid_key, "dose-reference", number)
-        item.DoseReferenceStructureType = "VOLUME"
-        item.DoseReferenceDescription = roi
-        item.ReferencedROINumber = roi_numbers[roi]
-        item.DoseReferenceType = kind
-        if kind == "TARGET":
-            item.TargetPrescriptionDose = ds_str(dose_gy)
-        else:
-            item.OrganAtRiskMaximumDose = ds_str(dose_gy)
-        refs.append(item)
-    ds.DoseReferenceSequence = Sequence(refs)
-
-    setup = Dataset()
-    setup.PatientSetupNumber = 1
-    setup.PatientPosition = "HFS"
-    setup.SetupTechnique = "ISOCENTRIC"
-    ds.PatientSetupSequence = Sequence([setup])
+    _add_dose_references_and_setup(ds, spec, roi_numbers, uid_key)
 
     iso = np.asarray(spec.isocenter_mm)
     n_beams = len(spec.gantry_angles_deg)
@@ -232,31 +207,7 @@ def _common_plan_modules(ds: Dataset, spec: PlanSpec, ctx: StudyContext, *, uid_
     ds.PrescriptionDescription = (
         f"SIB: PTV_70 {spec.ptv70_rx_gy:g} Gy(RBE), PTV_56 {spec.ptv56_rx_gy:g} Gy(RBE), {spec.fractions} fractions"
     )
-    refs = []
-    for number, (roi, kind, dose_gy) in enumerate(
-        (("PTV_70", "TARGET", spec.ptv70_rx_gy), ("PTV_56", "TARGET", spec.ptv56_rx_gy),
-         ("SpinalCord", "ORGAN_AT_RISK", spec.cord_limit_gy)), start=1
-    ):
-        if roi not in roi_numbers:
-            continue
-        item = Dataset()
-        item.DoseReferenceNumber = number
-        item.DoseReferenceUID = synth_uid(uid_key, "dose-reference", number)
-        item.DoseReferenceStructureType = "VOLUME"
-        item.DoseReferenceDescription = roi
-        item.ReferencedROINumber = roi_numbers[roi]
-        item.DoseReferenceType = kind
-        if kind == "TARGET":
-            item.TargetPrescriptionDose = ds_str(dose_gy)
-        else:
-            item.OrganAtRiskMaximumDose = ds_str(dose_gy)
-        refs.append(item)
-    ds.DoseReferenceSequence = Sequence(refs)
-    setup = Dataset()
-    setup.PatientSetupNumber = 1
-    setup.PatientPosition = "HFS"
-    setup.SetupTechnique = "ISOCENTRIC"
-    ds.PatientSetupSequence = Sequence([setup])
+    _add_dose_references_and_setup(ds, spec, roi_numbers, uid_key)
 
 
 # Ion beams: (RadiationType, mass number, atomic number, charge state, nominal energies in MeV or MeV/u)
@@ -366,3 +317,33 @@ def ion_plan_dataset(spec: PlanSpec, ctx: StudyContext, *, uid_key: str, rtstruc
         ds.ReviewTime = ctx.study_time
         ds.ReviewerName = "SYNTH^PHYSICIAN"
     return ds
+
+
+def _add_dose_references_and_setup(ds: Dataset, spec, roi_numbers: dict, uid_key) -> None:
+    """DoseReferenceSequence (the two target prescriptions and the cord limit, each for a structure that is
+    present: a planted missing OAR drops its reference) and a head-first-supine isocentric setup."""
+    refs = []
+    for number, (roi, kind, dose_gy) in enumerate(
+        (("PTV_70", "TARGET", spec.ptv70_rx_gy), ("PTV_56", "TARGET", spec.ptv56_rx_gy),
+         ("SpinalCord", "ORGAN_AT_RISK", spec.cord_limit_gy)), start=1
+    ):
+        if roi not in roi_numbers:
+            continue
+        item = Dataset()
+        item.DoseReferenceNumber = number
+        item.DoseReferenceUID = synth_uid(uid_key, "dose-reference", number)
+        item.DoseReferenceStructureType = "VOLUME"
+        item.DoseReferenceDescription = roi
+        item.ReferencedROINumber = roi_numbers[roi]
+        item.DoseReferenceType = kind
+        if kind == "TARGET":
+            item.TargetPrescriptionDose = ds_str(dose_gy)
+        else:
+            item.OrganAtRiskMaximumDose = ds_str(dose_gy)
+        refs.append(item)
+    ds.DoseReferenceSequence = Sequence(refs)
+    setup = Dataset()
+    setup.PatientSetupNumber = 1
+    setup.PatientPosition = "HFS"
+    setup.SetupTechnique = "ISOCENTRIC"
+    ds.PatientSetupSequence = Sequence([setup])
