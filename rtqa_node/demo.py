@@ -23,6 +23,8 @@ from pathlib import Path
 from rtqa_node.errors import InputError
 
 TPS_AE = "DEMO_TPS"
+#: the SR's header, the verdict and the first findings; the rest is one command away
+DSRDUMP_LINES = 60
 NODE_AE = "RTQA"
 _PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -145,7 +147,11 @@ def run_demo(*, data_dir: Path, plan_study: Path | None, timeout_s: float = 180.
         dsrdump = shutil.which("dsrdump")
         if dsrdump:
             dump = subprocess.run([dsrdump, str(result_file)], capture_output=True, text=True)
-            _say(f"\n$ dsrdump {result_file.name}\n" + (dump.stdout or dump.stderr))
+            lines = (dump.stdout or dump.stderr).splitlines()
+            shown = "\n".join(lines[:DSRDUMP_LINES])
+            more = (f"\n... {len(lines) - DSRDUMP_LINES} more lines: dsrdump {result_file}"
+                    if len(lines) > DSRDUMP_LINES else "")
+            _say(f"\n$ dsrdump {result_file.name}\n{shown}{more}")
         _say(f"done: node data in {node_dir}, the TPS's copy in {tps_dir}")
         return 0
     finally:
