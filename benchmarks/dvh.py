@@ -129,7 +129,7 @@ def main() -> int:
     ours_t, theirs_t = statistics.median(our_times), statistics.median(their_times)
     print(f"\nwall time, all {n} structures of eclipse-breast-boost-fullct-weasis (files parsed; {args.repeat} runs "
           f"of each tool, interleaved; median):")
-    print(f"  machine         {machine()}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"  machine         {machine()}")
     print(f"  rtqa-node       {ours_t:8.3f} s   (runs: {', '.join(f'{t:.3f}' for t in our_times)})")
     print(f"  dicompyler-core {theirs_t:8.3f} s   (runs: {', '.join(f'{t:.3f}' for t in their_times)})")
     print(f"  ratio           {theirs_t / ours_t:8.2f} x faster (median / median)")
