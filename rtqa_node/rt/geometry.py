@@ -340,7 +340,10 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
         h = gaps[k]
         nz = max(1, int(round(h / step)))
         t_slab = h / nz
-        if settings.interpolation == Interpolation.SLAB:
+        # slab mode, or one side empty (degenerate polygons outside the lattice): extrude each side half way
+        if settings.interpolation == Interpolation.SLAB or not (
+            np.isfinite(sdf[k]).any() and np.isfinite(sdf[k + 1]).any()
+        ):
             for i in range(nz):
                 frac = (i + 0.5) / nz
                 slabs_z.append(zs[k] + frac * h)
@@ -348,14 +351,6 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
                 slabs_c.append(cov[k] if frac < 0.5 else cov[k + 1])
             continue
         s0, s1 = sdf[k], sdf[k + 1]
-        if not np.isfinite(s0).any() or not np.isfinite(s1).any():
-            # one side is empty (degenerate polygons outside the lattice): extrude each side half way
-            for i in range(nz):
-                frac = (i + 0.5) / nz
-                slabs_z.append(zs[k] + frac * h)
-                slabs_t.append(t_slab)
-                slabs_c.append(cov[k] if frac < 0.5 else cov[k + 1])
-            continue
         # stencil for the area profile: up to two connected planes on each side
         lo_k = k - 1 if connected_below else k
         hi_k = k + 2 if (k + 2 < n and gaps[k + 1] <= 1.5 * typical_gap + 1e-6) else k + 1
