@@ -103,15 +103,11 @@ def plan_dataset(spec: PlanSpec, ctx: StudyContext, *, uid_key: str, rtstruct_ui
     ds.RTPlanTime = ctx.study_time
     ds.PlanIntent = "CURATIVE"
     ds.RTPlanGeometry = "PATIENT"
-    ss_ref = Dataset()
-    ss_ref.ReferencedSOPClassUID = RT_STRUCTURE_SET_STORAGE
-    ss_ref.ReferencedSOPInstanceUID = rtstruct_uid
-    ds.ReferencedStructureSetSequence = Sequence([ss_ref])
 
     ds.PrescriptionDescription = (
         f"SIB: PTV_70 {spec.ptv70_rx_gy:g} Gy, PTV_56 {spec.ptv56_rx_gy:g} Gy, {spec.fractions} fractions"
     )
-    _add_dose_references_and_setup(ds, spec, roi_numbers, uid_key)
+    _add_references_and_setup(ds, spec, roi_numbers, uid_key, rtstruct_uid)
 
     iso = np.asarray(spec.isocenter_mm)
     n_beams = len(spec.gantry_angles_deg)
@@ -200,14 +196,10 @@ def _common_plan_modules(ds: Dataset, spec: PlanSpec, ctx: StudyContext, *, uid_
     ds.RTPlanTime = ctx.study_time
     ds.PlanIntent = "CURATIVE"
     ds.RTPlanGeometry = "PATIENT"
-    ss_ref = Dataset()
-    ss_ref.ReferencedSOPClassUID = RT_STRUCTURE_SET_STORAGE
-    ss_ref.ReferencedSOPInstanceUID = rtstruct_uid
-    ds.ReferencedStructureSetSequence = Sequence([ss_ref])
     ds.PrescriptionDescription = (
         f"SIB: PTV_70 {spec.ptv70_rx_gy:g} Gy(RBE), PTV_56 {spec.ptv56_rx_gy:g} Gy(RBE), {spec.fractions} fractions"
     )
-    _add_dose_references_and_setup(ds, spec, roi_numbers, uid_key)
+    _add_references_and_setup(ds, spec, roi_numbers, uid_key, rtstruct_uid)
 
 
 # Ion beams: (RadiationType, mass number, atomic number, charge state, nominal energies in MeV or MeV/u)
@@ -319,9 +311,14 @@ def ion_plan_dataset(spec: PlanSpec, ctx: StudyContext, *, uid_key: str, rtstruc
     return ds
 
 
-def _add_dose_references_and_setup(ds: Dataset, spec, roi_numbers: dict, uid_key) -> None:
-    """DoseReferenceSequence (the two target prescriptions and the cord limit, each for a structure that is
-    present: a planted missing OAR drops its reference) and a head-first-supine isocentric setup."""
+def _add_references_and_setup(ds: Dataset, spec, roi_numbers: dict, uid_key, rtstruct_uid: str) -> None:
+    """The structure set reference, DoseReferenceSequence (the two target prescriptions and the cord limit,
+    each for a structure that is present: a planted missing OAR drops its reference) and a head-first-supine
+    isocentric setup: what photon and ion plans share."""
+    ss_ref = Dataset()
+    ss_ref.ReferencedSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ss_ref.ReferencedSOPInstanceUID = rtstruct_uid
+    ds.ReferencedStructureSetSequence = Sequence([ss_ref])
     refs = []
     for number, (roi, kind, dose_gy) in enumerate(
         (("PTV_70", "TARGET", spec.ptv70_rx_gy), ("PTV_56", "TARGET", spec.ptv56_rx_gy),
