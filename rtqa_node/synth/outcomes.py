@@ -10,9 +10,28 @@ ground_truth.json):
     2.0 (illustrative; the mechanism follows van Luijk et al., Sci Transl Med 2015;7:305ra147, where dose to
     the region containing the stem/progenitor cells, not the whole-gland mean, predicted saliva loss). This is
     the spatial mechanism a whole-organ DVH model cannot see.
-- dysphagia (RTOG grade >= 2 at 6 months): logistic, S = -6.09 + 0.057 Dmean(Musc_Constrict_S) + 0.037
-  Dmean(Larynx_SG), p = 1 / (1 + exp(-S)) (the model of Christianen et al., Radiother Oncol 2012;105:107, as
-  we read it; check the coefficients against the paper before relying on them);
+- dysphagia (physician-rated swallowing dysfunction at 6 months): logistic, S = -6.09 + 0.057
+  Dmean(Musc_Constrict_S) + 0.037 Dmean(Larynx_SG), p = 1 / (1 + exp(-S)) (Christianen et al., Radiother
+  Oncol 2012;105:107);
+
+What was checked against published text (issue 7; stored copies of public pages, no paywalled full text):
+- Dijkema 2010, verified against the PubMed abstract (PMID 20056347; Int J Radiat Oncol Biol Phys 2010 Oct 1;
+  78(2):449-53): "Combined NTCP analysis based on mean dose resulted in a TD(50) ... of 39.9 Gy and m ... of
+  0.40"; complication = stimulated parotid flow ratio < 25 % of pretreatment 1 year after RT; LKB fit on 384
+  glands. n = 1 is implied by "based on mean dose" (not stated as a number). Note: the published model is per
+  GLAND (each gland's own mean dose and flow); applying it to the mean of both parotids as a patient-level
+  endpoint is our adaptation.
+- Christianen 2012: the three coefficients match a secondary source only (medicalalgorithms.com, "Models of
+  Christianen et al for swallowing dysfunction ...": X = 0.057 * mean dose superior PCM + 0.037 * mean dose
+  supraglottic larynx - 6.09, physician-rated swallowing dysfunction at 6 months, AUC 0.80). The paper itself
+  (abstract or full text) was not found, so the volume/pages (105:107-114) and the endpoint's grading (RTOG
+  grade >= 2, the primary endpoint of the same group's earlier model, Langendijk et al., Radiother Oncol
+  2009;90:189-195) are NOT verified here.
+- van Luijk 2015 (Sci Transl Med 7(305):305ra147, doi 10.1126/scitranslmed.aac4441), from the publisher's
+  summary: "stem and progenitor cells reside in the region of the parotid gland containing the major ducts",
+  and in patients the dose to that region predicted gland function one year after radiotherapy. The exact
+  position we give the region (medial-anterior-cranial, ~5 % of the gland, anatomy.py) and D50 / gamma50 are
+  NOT from the paper's text (not seen); they are illustrative.
 - local control at 2 years: logistic TCP on a clonogen-weighted gEUD of CTV_70 (a = -10; weights 1 in the GTV,
   0.3 in the CTV margin, so that a cold spot costs more in the gross tumour than in the margin),
   TCD50 = 62 Gy x (GTV / 15 cc)^0.15, gamma50 = 2.5 (illustrative; about 80 % control at 70 Gy, in the range
@@ -32,7 +51,9 @@ MODELS = {
         "form": "p = (1 - lambda) * LKB(mean parotids) + lambda * logistic(mean stem-cell regions)",
         "lambda": STEM_SHARE,
         schema.MECHANISM_PAROTID_MEAN: {"td50_gy": 39.9, "m": 0.40, "n": 1.0,
-                                        "citation": "Dijkema et al., Int J Radiat Oncol Biol Phys 2010;78:449-453"},
+                                        "citation": "Dijkema et al., Int J Radiat Oncol Biol Phys 2010;78:449-453 "
+                                                    "(TD50 and m checked against the PubMed abstract; a per-gland "
+                                                    "model, applied here to the mean of both glands)"},
         schema.MECHANISM_STEM_CELL_REGION: {"d50_gy": 35.0, "gamma50": 2.0, "illustrative": True,
                                             "citation": "mechanism after van Luijk et al., Sci Transl Med "
                                                         "2015;7:305ra147; parameters illustrative"},
@@ -41,7 +62,8 @@ MODELS = {
         "form": "p = 1 / (1 + exp(-S)), S = b0 + b_pcms * Dmean(Musc_Constrict_S) + b_sgl * Dmean(Larynx_SG)",
         schema.MECHANISM_DYSPHAGIA: {"b0": -6.09, "b_pcms_per_gy": 0.057, "b_sgl_per_gy": 0.037,
                                      "citation": "Christianen et al., Radiother Oncol 2012;105:107-114 "
-                                                 "(coefficients as read by us; verify)"},
+                                                 "(coefficients checked against a secondary source only, "
+                                                 "not the paper; see outcomes.py)"},
     },
     "local_control": {
         "form": "p = 1 / (1 + (TCD50 / gEUD)^(4 gamma50)), TCD50 = 62 Gy * (GTV / 15 cc)^0.15",

@@ -211,7 +211,8 @@ def _plots(patients: list[dict], rec: dict, kappas: dict | None) -> dict[str, by
         names = [*kappas["cohen_pairwise"], "Fleiss"]
         values = [*kappas["cohen_pairwise"].values(), kappas["fleiss"]]
         ax.bar(names, values)
-        ax.axhspan(*kappas["target_range"], color="green", alpha=0.15, label="target range")
+        ax.axhspan(*kappas["target_range"], color="green", alpha=0.15,
+                   label="target range (design, not published)")
         ax.set_ylim(0, 1)
         ax.set_ylabel("kappa")
         ax.legend(fontsize=8)
@@ -283,7 +284,8 @@ def render(manifest: dict) -> tuple[str, dict[str, bytes], dict]:
         lines += ["", "## Reviewer agreement", "",
                   (f"Fleiss' kappa {kappas['fleiss']:.2f}; Cohen's kappa pairwise {pairs} (mean "
                    f"{kappas['cohen_mean']:.2f}); consensus vs truth {kappas['consensus_vs_truth']:.2f}; "
-                   f"target range {kappas['target_range'][0]}-{kappas['target_range'][1]}.")]
+                   f"target range {kappas['target_range'][0]}-{kappas['target_range'][1]} "
+                   f"({kappas.get('target_range_basis', 'design target')}; see synth/reviewers.py).")]
     lines += ["", "## Contouring variability", "",
               "| period | patients | between-site margin sd (mm) | mean shift (mm) |", "|---|---|---|---|"]
     for period, c in contours.items():
