@@ -108,11 +108,15 @@ def send(port: int, called_ae: str, data: Path, expected: int) -> float:
 class Rtqa:
     name = "rtqa serve"
 
-    def __init__(self, poll_s: float | None = None) -> None:
-        """``poll_s``: run with pynetdicom's polling reactors at this interval instead of the wake-ups."""
+    def __init__(self, poll_s: float | None = None, source: Path = REPO, label: str | None = None) -> None:
+        """``poll_s``: run with pynetdicom's polling reactors at this interval instead of the wake-ups.
+        ``source``: a folder holding the ``rtqa_node`` package to run (another commit's, see ``--baseline``)."""
         self.poll_s = poll_s
+        self.source = source
         if poll_s is not None:
             self.name = f"rtqa serve (polling every {poll_s * 1000:g} ms)"
+        if label is not None:
+            self.name = f"rtqa serve ({label})"
 
     def start(self, work: Path) -> int:
         data_dir = work / "rtqa"
@@ -121,8 +125,9 @@ class Rtqa:
             env["RTQA_NETWORK_POLL_S"] = str(self.poll_s)
             env["RTQA_NETWORK_WAKEUPS"] = "false"
         command = [sys.executable, "-m", "rtqa_node", "serve", "--data-dir", str(data_dir), "--port", "0"]
+        # python -m puts the working directory first on sys.path: its rtqa_node is the one that runs
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        cwd=REPO)
+                                        cwd=self.source)
         node_file = data_dir / "node.json"
         deadline = time.monotonic() + 30
         while not node_file.exists():
@@ -197,6 +202,10 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--extra-poll-s", type=float, nargs="*", default=[],
                         help="also measure rtqa with polling reactors at these intervals (s)")
+    parser.add_argument("--no-polling", action="store_true",
+                        help="leave out the two polling-reactor runs of rtqa (faster A/B runs)")
+    parser.add_argument("--baseline", metavar="GIT_REF",
+                        help="also run the rtqa_node of this commit (git archive), interleaved, for A/B ratios")
     parser.add_argument("--profile", action="store_true",
                         help="sample one extra rtqa run with py-spy and print where the association thread's time goes")
     args = parser.parse_args()
@@ -211,8 +220,17 @@ def main() -> int:
         print(f"data: {objects} objects ({args.slices} CT slices 512x512 explicit VR LE + RTSTRUCT, RTPLAN, "
               f"RTDOSE), {size / 1e6:.1f} MB; storescu, one association, TCP_NODELAY=1; "
               f"{args.repeats} repetitions, receivers interleaved")
-        receivers = [Rtqa(), Rtqa(poll_s=0.001), Rtqa(poll_s=0.0002),
-                     *(Rtqa(poll_s=p) for p in args.extra_poll_s), StoreScp(), Orthanc()]
+        polling = [] if args.no_polling else [Rtqa(poll_s=0.001), Rtqa(poll_s=0.0002)]
+        baseline = []
+        if args.baseline:
+            source = tmp / "baseline"
+            source.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", args.baseline, "rtqa_node"],
+                                     capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+            baseline = [Rtqa(source=source, label=args.baseline)]
+        receivers = [Rtqa(), *polling, *baseline, *(Rtqa(poll_s=p) for p in args.extra_poll_s), StoreScp(),
+                     Orthanc()]
         times: dict[str, list[float]] = {r.name: [] for r in receivers}
         for repeat in range(args.repeats):
             for receiver in receivers:
@@ -236,8 +254,14 @@ def main() -> int:
         rtqa = rates[receivers[0].name]
         print(f"\nratio rtqa/storescp: {rtqa / rates[StoreScp.name]:.2f}   (storescp: no fsync, no index)")
         print(f"ratio rtqa/orthanc:  {rtqa / rates[Orthanc.name]:.2f}   (target >= 1.0: both fsync and index)")
-        print(f"ratio rtqa wake-ups / polling 1 ms: {rtqa / rates[receivers[1].name]:.2f}, "
-              f"/ polling 0.2 ms: {rtqa / rates[receivers[2].name]:.2f}")
+        if polling:
+            print(f"ratio rtqa wake-ups / polling 1 ms: {rtqa / rates[polling[0].name]:.2f}, "
+                  f"/ polling 0.2 ms: {rtqa / rates[polling[1].name]:.2f}")
+        if baseline:
+            base = rates[baseline[0].name]
+            print(f"ratio rtqa/orthanc at {args.baseline}: {base / rates[Orthanc.name]:.2f}; "
+                  f"rtqa now / rtqa at {args.baseline}: {rtqa / base:.2f}")
+        print(f"load average after the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if args.profile:
             profile_association_thread(tmp, data, objects)
     return 0

@@ -11,9 +11,12 @@ import errno
 import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 _CHUNK_BYTES = 1 << 20
+#: Extended attribute carrying what a file's index row needs beyond the file's own bytes (see ``store.py``).
+ARRIVAL_XATTR = "user.rtqa.arrival"
 
 
 def fsync_file(path: Path) -> None:
@@ -76,6 +79,36 @@ def sha256_of(path: Path, *, offset: int = 0) -> str:
         while chunk := fh.read(_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def set_arrival(path: Path, payload: bytes) -> None:
+    """Attach ``payload`` to ``path`` as an extended attribute; made durable by the file's next fsync.
+
+    Raises:
+        OSError: the file system has no user extended attributes (ENOTSUP) or no room for them.
+    """
+    os.setxattr(path, ARRIVAL_XATTR, payload)
+
+
+def get_arrival(path: Path) -> bytes | None:
+    """The payload of :func:`set_arrival`, or None when the file has none (or the file system no xattrs)."""
+    try:
+        return os.getxattr(path, ARRIVAL_XATTR)
+    except OSError:
+        return None
+
+
+def xattrs_supported(directory: Path) -> bool:
+    """Whether files in ``directory`` can carry :data:`ARRIVAL_XATTR` (ext4, XFS, btrfs: yes)."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".xattr-probe-")
+    os.close(fd)
+    try:
+        set_arrival(Path(name), b"{}")
+        return get_arrival(Path(name)) == b"{}"
+    except OSError:
+        return False
+    finally:
+        os.unlink(name)
 
 
 def free_bytes(path: Path) -> int:

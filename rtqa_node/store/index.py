@@ -2,7 +2,8 @@
 jobs and dispatches.
 
 SQLite in WAL mode with ``synchronous=FULL``: a committed transaction survives power loss, readers (the
-worklist, ``rtqa status``) never block the writer. Schema changes go through :data:`MIGRATIONS`, applied in
+worklist, ``rtqa status``) never block the writer. The store commits its instance rows with
+``transaction(durable=False)`` where the files carry what rebuilds them (see ``store.py``). Schema changes go through :data:`MIGRATIONS`, applied in
 order and recorded in ``PRAGMA user_version``, so an index written by an older node opens in a newer one.
 """
 
@@ -206,16 +207,28 @@ class Index:
             self.conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error), holding the writer lock."""
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error), holding the writer lock.
+
+        ``durable=False`` commits with ``synchronous=NORMAL``: no fsync of the WAL, so the transaction survives a
+        crash of the process but may roll back on power loss (until the next durable commit or checkpoint of
+        any connection syncs the WAL, which covers every earlier transaction: the WAL is a log). Only for rows
+        that can be rebuilt from durable data: the store's instance rows (``Store.recover``).
+        """
         with self._lock:
-            self.conn.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                except BaseException:
+                    self.conn.execute("ROLLBACK")
+                    raise
+                self.conn.execute("COMMIT")
+            finally:
+                if not durable:
+                    self.conn.execute("PRAGMA synchronous=FULL")
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -1,15 +1,24 @@
 """Durable ingest: a received Part 10 file becomes a published file plus an index row, or a clear refusal.
 
-The guarantee the receive stage builds on: when :meth:`Store.ingest` returns, the object's bytes and its index
-row are on stable storage; when it raises :class:`StoreRefused`, nothing of the object is visible. Order:
+The guarantee the receive stage builds on: when :meth:`Store.ingest` returns, the object is on stable storage
+and indexed: after a crash of the process or a power loss it is present, intact and (at the latest after
+:meth:`Store.recover` at the next start) indexed. When it raises :class:`StoreRefused`, nothing of the object
+is visible. Order:
 
 1. checks that need no disk writes: size limit, free space, encoding walk, identity, SOP class consistency;
-2. fsync of the temporary file;
-3. under the index's writer lock: duplicate lookup, atomic rename to a path made of hashes (never raw UIDs),
-   directory fsync, row insert, COMMIT (WAL, synchronous=FULL).
+2. the arrival (calling/called AE, peer address and port, received time) attached to the temporary file as an
+   extended attribute, then fsync of the file (data, size and attribute);
+3. under the store's lock: duplicate lookup, atomic rename to a path made of hashes (never raw UIDs), directory
+   fsync, then a short transaction: row insert, COMMIT.
 
-A crash between rename and COMMIT leaves a complete, validated file without a row; :meth:`Store.recover`
-indexes it on the next start. A crash before the rename leaves only a temporary file, which recovery deletes.
+The COMMIT does not fsync the WAL (``synchronous=NORMAL``) when the file system keeps extended attributes:
+a committed row then survives a crash of the process, and a power loss can only roll back the last rows, each
+of which belongs to a published, fsync'd file that carries everything its row holds (the bytes give identity,
+references, encoding and content digest; the attribute gives the arrival). :meth:`Store.recover` rebuilds
+such rows at start-up in arrival order. Without extended attributes every COMMIT is ``synchronous=FULL``.
+
+A crash between rename and COMMIT leaves a complete, validated file without a row; recovery indexes it too.
+A crash before the rename leaves only a temporary file, which recovery deletes.
 """
 
 from __future__ import annotations
@@ -18,11 +27,13 @@ import dataclasses
 import enum
 import errno
 import hashlib
+import json
 import logging
 import mmap
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +163,11 @@ class Store:
         # Real exports carry invalid values in attributes the node does not interpret (e.g. a referenced UID
         # with a leading zero); warnings about them would flood the log without helping anyone.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        #: files carry their arrival (xattr), so an instance row can be rebuilt and its COMMIT need not fsync
+        self.rows_rebuildable = files.xattrs_supported(self.tmp_dir)
+        #: serialises lookup -> rename -> insert of this store's ingests (the index's lock is held only for
+        #: the short transactions, so that other connections' commits never wait for our fsyncs and vice versa)
+        self._publish_lock = threading.Lock()
 
     def close(self) -> None:
         self.index.close()
@@ -192,12 +208,15 @@ class Store:
         offset, transfer_syntax, walk = self._check_encoding(temp_path)
         description = self._describe(temp_path, arrival, walk.values)
         content_sha256 = walk.content_sha256
+        received_at_s = time.time()
         try:
+            if self.rows_rebuildable:
+                files.set_arrival(temp_path, _arrival_record(arrival, received_at_s))
             files.fsync_file(temp_path)
         except OSError as exc:
             raise self._write_refusal(exc) from exc
         stored = _Encoded(transfer_syntax, offset, size_bytes, content_sha256)
-        return self._publish(temp_path, arrival, description, stored)
+        return self._publish(temp_path, arrival, description, stored, received_at_s)
 
     def _check_free_space(self, size_bytes: int) -> None:
         available = files.free_bytes(self.objects_dir)
@@ -253,36 +272,44 @@ class Store:
             return StoreRefused(Refusal.NO_SPACE, "storage full")
         return StoreRefused(Refusal.UNWRITABLE, f"storage not writable: {exc.strerror or exc}")
 
+    _FIND = "SELECT id, version, path FROM instances WHERE sop_instance_uid = ? AND content_sha256 = ?"
+    _LATEST = "SELECT MAX(version) FROM instances WHERE sop_instance_uid = ?"
+
     def _publish(
-        self, temp_path: Path, arrival: Arrival, description: ObjectDescription, stored: "_Encoded"
+        self, temp_path: Path, arrival: Arrival, description: ObjectDescription, stored: "_Encoded",
+        received_at_s: float,
     ) -> IngestResult:
         sop_uid = description.sop_instance_uid
-        with self.index.transaction() as conn:
-            existing = conn.execute(
-                "SELECT id, version, path FROM instances WHERE sop_instance_uid = ? AND content_sha256 = ?",
-                (sop_uid, stored.content_sha256),
-            ).fetchone()
-            if existing is not None:
-                conn.execute("UPDATE instances SET receive_count = receive_count + 1 WHERE id = ?", (existing[0],))
-                outcome = Outcome.DUPLICATE
-                instance_id, version, rel_path = existing
-            else:
-                (latest,) = conn.execute(
-                    "SELECT MAX(version) FROM instances WHERE sop_instance_uid = ?", (sop_uid,)
-                ).fetchone()
-                version = (latest or 0) + 1
-                outcome = Outcome.STORED if version == 1 else Outcome.NEW_VERSION
-                rel_path = self.relative_path(description, stored.content_sha256)
-                final_path = self.data_dir / rel_path
+        key = (sop_uid, stored.content_sha256)
+        durable = not self.rows_rebuildable
+        with self._publish_lock:
+            existing = self.index.query(self._FIND, key)
+            rel_path = self.relative_path(description, stored.content_sha256)
+            final_path = self.data_dir / rel_path
+            if not existing:
+                # The rename and the directory fsync happen outside any SQLite transaction: the assembler's and
+                # the workers' connections never wait for them. Same content gives the same path, so a racing
+                # writer in another process can only replace the file with identical bytes.
                 try:
                     files.publish(temp_path, final_path, root=self.objects_dir)
                 except OSError as exc:
                     raise self._write_refusal(exc) from exc
-                try:
-                    instance_id = self._insert(conn, description, arrival, stored, version, rel_path)
-                except BaseException:
-                    final_path.unlink(missing_ok=True)
-                    raise
+            with self.index.transaction(durable=durable) as conn:
+                found = conn.execute(self._FIND, key).fetchone()
+                if found is not None:
+                    conn.execute("UPDATE instances SET receive_count = receive_count + 1 WHERE id = ?", (found[0],))
+                    outcome = Outcome.DUPLICATE
+                    instance_id, version, rel_path = found
+                else:
+                    (latest,) = conn.execute(self._LATEST, (sop_uid,)).fetchone()
+                    version = (latest or 0) + 1
+                    outcome = Outcome.STORED if version == 1 else Outcome.NEW_VERSION
+                    try:
+                        instance_id = self._insert(conn, description, arrival, stored, version, rel_path,
+                                                   received_at_s)
+                    except BaseException:
+                        final_path.unlink(missing_ok=True)
+                        raise
         self._log_ingest(outcome, description, arrival, version, stored.size_bytes)
         return IngestResult(outcome, instance_id, version, self.data_dir / rel_path, description)
 
@@ -294,7 +321,8 @@ class Store:
         return f"objects/{study[:2]}/{study}/{instance}-{content_sha256[:16]}.dcm"
 
     @staticmethod
-    def _insert(conn, d: ObjectDescription, a: Arrival, e: "_Encoded", version: int, rel_path: str) -> int:
+    def _insert(conn, d: ObjectDescription, a: Arrival, e: "_Encoded", version: int, rel_path: str,
+                received_at_s: float) -> int:
         cursor = conn.execute(
             "INSERT INTO instances (sop_instance_uid, sop_class_uid, modality, patient_id, study_instance_uid,"
             " series_instance_uid, frame_of_reference_uid, instance_number, transfer_syntax_uid, version,"
@@ -303,7 +331,7 @@ class Store:
             (
                 d.sop_instance_uid, d.sop_class_uid, d.modality, d.patient_id, d.study_instance_uid,
                 d.series_instance_uid, d.frame_of_reference_uid, d.instance_number, e.transfer_syntax_uid,
-                version, a.calling_ae, a.called_ae, a.peer_address, a.peer_port, time.time(), rel_path,
+                version, a.calling_ae, a.called_ae, a.peer_address, a.peer_port, received_at_s, rel_path,
                 e.size_bytes, e.dataset_offset, e.content_sha256,
             ),
         )
@@ -365,14 +393,18 @@ class Store:
     # -- restart -----------------------------------------------------------------------------------------
 
     def recover(self) -> RecoveryReport:
-        """After a crash: delete incoming temporary files, index published files that have no row."""
+        """At start-up: delete incoming temporary files; index published files that have no row: a crash between
+        rename and COMMIT (never acknowledged), or a row committed without a WAL fsync and rolled back by a power
+        loss (acknowledged: the file carries its arrival). Rows are rebuilt in arrival order, so versions of one
+        SOP instance are numbered as they were received."""
         removed = 0
         for entry in self.tmp_dir.iterdir():
             if entry.is_file():
                 entry.unlink()
                 removed += 1
         known = {row[0] for row in self.index.query("SELECT path FROM instances")}
-        indexed = dropped = 0
+        dropped = 0
+        orphans = []
         for path in sorted(self.objects_dir.rglob("*")):
             if not path.is_file():
                 continue
@@ -383,7 +415,11 @@ class Store:
                 path.unlink()
                 dropped += 1
                 continue
-            if self._index_orphan(path, rel):
+            arrival, received_at_s = _read_arrival(path)
+            orphans.append((received_at_s, rel, path, arrival))
+        indexed = 0
+        for received_at_s, rel, path, arrival in sorted(orphans, key=lambda o: (o[0], o[1])):
+            if self._index_orphan(path, rel, arrival, received_at_s):
                 indexed += 1
             else:
                 dropped += 1
@@ -392,8 +428,8 @@ class Store:
             log.warning("store_recovered", extra=dataclasses.asdict(report))
         return report
 
-    def _index_orphan(self, path: Path, rel: str) -> bool:
-        """A published file whose COMMIT did not happen: it passed every check before its rename."""
+    def _index_orphan(self, path: Path, rel: str, arrival: Arrival, received_at_s: float) -> bool:
+        """A published file without a row: it passed every check before its rename; check it again."""
         try:
             offset, transfer_syntax, walk = self._check_encoding(path)
             description = self._describe(path, Arrival(), walk.values)
@@ -406,14 +442,34 @@ class Store:
             return False
         stored = _Encoded(transfer_syntax, offset, path.stat().st_size, content_sha256)
         with self.index.transaction() as conn:
-            if conn.execute(
-                "SELECT 1 FROM instances WHERE sop_instance_uid = ? AND content_sha256 = ?",
-                (description.sop_instance_uid, content_sha256),
-            ).fetchone():
+            if conn.execute(self._FIND, (description.sop_instance_uid, content_sha256)).fetchone():
                 path.unlink()
                 return False
-            (latest,) = conn.execute(
-                "SELECT MAX(version) FROM instances WHERE sop_instance_uid = ?", (description.sop_instance_uid,)
-            ).fetchone()
-            self._insert(conn, description, Arrival(calling_ae="RECOVERED"), stored, (latest or 0) + 1, rel)
+            (latest,) = conn.execute(self._LATEST, (description.sop_instance_uid,)).fetchone()
+            self._insert(conn, description, arrival, stored, (latest or 0) + 1, rel, received_at_s)
         return True
+
+
+def _arrival_record(arrival: Arrival, received_at_s: float) -> bytes:
+    """What a file carries (xattr ``files.ARRIVAL_XATTR``) so that its index row can be rebuilt."""
+    return json.dumps({
+        "v": 1, "calling_ae": arrival.calling_ae, "called_ae": arrival.called_ae,
+        "peer_address": arrival.peer_address, "peer_port": arrival.peer_port, "received_at_s": received_at_s,
+    }, separators=(",", ":")).encode()
+
+
+def _read_arrival(path: Path) -> tuple[Arrival, float]:
+    """The arrival a published file carries; files without one (stored before arrivals were attached, or on a
+    file system without extended attributes) are recovered as ``RECOVERED`` at their modification time."""
+    raw = files.get_arrival(path)
+    if raw:
+        try:
+            record = json.loads(raw)
+            arrival = Arrival(
+                calling_ae=str(record["calling_ae"]), called_ae=str(record["called_ae"]),
+                peer_address=str(record["peer_address"]), peer_port=int(record["peer_port"]),
+            )
+            return arrival, float(record["received_at_s"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("arrival_unreadable", extra={"file": path.name})
+    return Arrival(calling_ae="RECOVERED"), path.stat().st_mtime
