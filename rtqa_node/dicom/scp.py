@@ -35,7 +35,7 @@ from pynetdicom.sop_class import Verification
 
 from rtqa_node.config import Settings
 from rtqa_node.dicom.statuses import Status, status_dataset, status_for
-from rtqa_node.dicom import wakeup
+from rtqa_node.dicom import fastpath, wakeup
 from rtqa_node.dicom.tls import server_context
 from rtqa_node.log import uid_ref
 from rtqa_node.store import Arrival, Store, StoreRefused
@@ -147,6 +147,10 @@ class StorageScp:
         # creates them with tempfile.NamedTemporaryFile, which honours tempfile.tempdir.
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_REQUEST_IDENTIFIERS = False
+        # pynetdicom's "standard" handlers format a debug line for every PDU and DIMSE message; its logger is
+        # at WARNING here, so they only cost time (EVT_PDU_RECV fires five times per CT slice).
+        _config.LOG_HANDLER_LEVEL = "none"
+        fastpath.install()
         tempfile.tempdir = str(self.store.tmp_dir)
         if s.network_wakeups:
             wakeup.install(s.network_poll_s)
