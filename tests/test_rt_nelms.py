@@ -32,12 +32,12 @@ TEST1_BOUND_PCT = {"volume_cc": 0.6, "dmin_gy": 0.05, "dmax_gy": 0.05, "dmean_gy
 TEST2_1MM_BOUND_PCT = {"volume_cc": 0.5, "dmin_gy": 0.05, "dmax_gy": 0.05, "dmean_gy": 0.8, "d99_gy": 1.0,
                        "d95_gy": 1.0, "d5_gy": 0.6, "d1_gy": 1.0, "d0_03cc_gy": 0.8}
 # Test 2, 1-3 mm contours: RtCone (a cone lying across the planes, apex at y = +6 mm on the plane z = 6 mm) at
-# 3 mm spacing. Its coldest 1 % (AP gradient: the 36 mm^3 tip, y > 0.8 mm) is a cone 2.6 mm in radius around
-# that one plane; the planes 3 mm on either side do not reach it, so the contours do not determine the tip's
-# shape between planes, and shape-based interpolation (in-plane distances) retreats the tip faster than the
-# true circular cone does: D99 +8.1 %, D95 +3.0 %. Bounded here at what is achieved; every other metric and row
-# (RtCylinder included, since line-like end contours are interpolated as lines) is held to the paper's 3 %.
-KNOWN_HARD = {("RtCone", "d99_gy"): 8.5, ("RtCone", "d95_gy"): 3.3}
+# 3 mm spacing, AP gradient, D99. Its coldest 1 % is the 36 mm^3 tip (y > 0.8 mm), a cone 2.6 mm in radius
+# around that one plane; the planes 3 mm on either side do not reach it, so the contours do not determine the
+# tip's shape between planes, and shape-based interpolation (in-plane distances) retreats the tip faster than
+# the true circular cone does: +5.4 %. Bounded here at what is achieved; every other metric and row (D95 of
+# that row +1.9 %; RtCylinder, whose line-like end contours are interpolated as lines) is held to the paper's 3 %.
+KNOWN_HARD = {("RtCone", "d99_gy"): 6.0}
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +97,9 @@ def test_nelms_every_row_within_paper_tolerance_or_tighter(nelms_results, record
 def test_nelms_overall_mean_error_is_small(nelms_results):
     errs = np.abs(np.array([[e[ref] for ref, _ in METRICS] for _, e in nelms_results]))
     mean = dict(zip([ref for ref, _ in METRICS], errs.mean(axis=0)))
-    assert mean["volume_cc"] < 0.2 and mean["dmean_gy"] < 0.05
+    assert mean["volume_cc"] < 0.15 and mean["dmean_gy"] < 0.03
     assert mean["dmin_gy"] < 0.05 and mean["dmax_gy"] < 0.05
-    assert max(mean["d99_gy"], mean["d95_gy"]) < 0.7
+    assert max(mean["d99_gy"], mean["d95_gy"]) < 0.55
     assert max(mean["d5_gy"], mean["d1_gy"], mean["d0_03cc_gy"]) < 0.1
-    # 716 of 720 (row, metric) values meet the paper's 3 % criterion; the rest are the known hard rows
-    assert (errs <= PAPER_TOLERANCE_PCT).mean() > 0.99
+    # 718 of 720 (row, metric) values meet the paper's 3 % criterion; the rest are the known hard rows
+    assert (errs <= PAPER_TOLERANCE_PCT).mean() > 0.997

@@ -157,7 +157,9 @@ def rasterise_planes(planes: list[list[np.ndarray]], lattice: Lattice, row_sampl
     y = line_y0 + s * line_dy
     x = xa[edge] + (y - ya[edge]) * (xb[edge] - xa[edge]) / (yb[edge] - ya[edge])
     line = pl[edge] * n_lines + s  # scanline key over all planes
-    order = np.lexsort((x, line))
+    u_all = (x - (lattice.x0_mm - d / 2)) / d
+    # one sort on (scanline, x): x in pixels clipped to a span narrower than the key's stride
+    order = np.argsort(line * float(width + 4) + np.clip(u_all, -1.0, width + 2.0), kind="stable")
     line, x = line[order], x[order]
     first_of_line = np.searchsorted(line, line, side="left")
     sign = np.where((np.arange(total) - first_of_line) % 2 == 0, 1.0, -1.0)
@@ -196,30 +198,38 @@ def signed_distances(coverage: np.ndarray, delta_mm: float) -> np.ndarray:
     (:class:`Interpolation`), so the metric's anisotropy moves the interpolated shape, not its area.
     """
     cov = np.asarray(coverage, dtype=np.float32)
-    p, ny, nx = cov.shape
-    inside = np.zeros((p, ny + 2, nx + 2), dtype=bool)  # padded: beyond the lattice is outside
-    inside[:, 1:-1, 1:-1] = cov >= 0.5
+    inside = cov >= 0.5
+    pad = bool(inside[:, 0].any() or inside[:, -1].any() or inside[:, :, 0].any() or inside[:, :, -1].any())
+    if pad:  # beyond the lattice is outside (the voxeliser's lattice has a margin, so this is for other callers)
+        cov = np.pad(cov, ((0, 0), (1, 1), (1, 1)))
+        inside = cov >= 0.5
+    covered = cov > 0
     has_inside = inside.any(axis=(1, 2))
-    has_cov = (cov > 0).any(axis=(1, 2))
+    has_cov = covered.any(axis=(1, 2))
     point = ~has_inside & has_cov
-    # the inner boundary: inside pixels with a 4-neighbour outside
+    # the inner boundary: inside pixels with a 4-neighbour outside (the lattice border has no inside pixels)
     feature = inside.copy()
     feature[:, 1:-1, 1:-1] &= ~(inside[:, :-2, 1:-1] & inside[:, 2:, 1:-1] & inside[:, 1:-1, :-2] & inside[:, 1:-1, 2:])
     if point.any():  # a shape thinner than half a pixel everywhere: its trace (a point, a line) is the feature
-        feature[point, 1:-1, 1:-1] = cov[point] > 0
+        feature[point] = covered[point]
+    np.logical_not(feature, out=feature)
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[1] = True
-    chess = ndimage.distance_transform_cdt(~feature, metric=in_plane)
+    sdf = ndimage.distance_transform_cdt(feature, metric=in_plane).astype(np.float32)
+    sdf *= np.float32(_CHESS_WEIGHT)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    taxi = ndimage.distance_transform_cdt(~feature, metric=in_plane)
-    dist = (_CHESS_WEIGHT * chess + (1.0 - _CHESS_WEIGHT) * taxi).astype(np.float32)[:, 1:-1, 1:-1]
-    solid = has_inside[:, None, None]
-    inner = inside[:, 1:-1, 1:-1]
-    sdf = np.where(inner, -(dist + 0.5), np.where(solid, dist - 0.5, dist)) * np.float32(delta_mm)
-    partial = (cov > 0) & (cov < 1) & solid
-    sdf[partial] = (0.5 - cov[partial]) * np.float32(delta_mm)
-    sdf[~(has_inside | has_cov)] = np.inf
-    return sdf.astype(np.float32, copy=False)
+    taxi = ndimage.distance_transform_cdt(feature, metric=in_plane)
+    sdf += np.float32(1.0 - _CHESS_WEIGHT) * taxi.astype(np.float32)
+    # outside: distance to the nearest inner-boundary centre less half a pixel; inside: -(distance + half a pixel)
+    sdf -= np.float32(0.5)
+    np.subtract(np.float32(-1.0), sdf, out=sdf, where=inside)
+    sdf[point] += np.float32(0.5)  # a trace: distance to it, unshifted
+    sdf *= np.float32(delta_mm)
+    partial = covered & (cov < 1)
+    partial[point] = False
+    np.copyto(sdf, (np.float32(0.5) - cov) * np.float32(delta_mm), where=partial)
+    sdf[~has_cov] = np.inf
+    return sdf[:, 1:-1, 1:-1] if pad else sdf
 
 
 def signed_distance(coverage: np.ndarray, delta_mm: float) -> np.ndarray:
@@ -255,6 +265,21 @@ def _choose_lattice(planes, reference: GridGeometry | None, settings: RasterSett
     nx = int(math.ceil((hi[0] + 2 * delta - x0) / delta)) + 1
     ny = int(math.ceil((hi[1] + 2 * delta - y0) / delta)) + 1
     return Lattice(x0, y0, delta, nx, ny), m
+
+
+def _box(c: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(row0, row1, col0, col1) half-open bounding box of the covered pixels, None when empty."""
+    rows = np.nonzero(c.any(axis=1))[0]
+    if not len(rows):
+        return None
+    cols = np.nonzero(c.any(axis=0))[0]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _union_box(a, b, margin: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    boxes = [x for x in (a, b) if x is not None]
+    return (max(min(x[0] for x in boxes) - margin, 0), min(max(x[1] for x in boxes) + margin, shape[0]),
+            max(min(x[2] for x in boxes) - margin, 0), min(max(x[3] for x in boxes) + margin, shape[1]))
 
 
 def _line_like_degenerate(cov: list[np.ndarray]) -> np.ndarray:
@@ -321,6 +346,7 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
     cov = list(rasterise_planes([polys for _, polys in planes], lattice, settings.row_samples))
     area = np.asarray([c.sum(dtype=np.float64) for c in cov]) * d * d
     line_end = _line_like_degenerate(cov)
+    boxes = [_box(c) for c in cov]
     sdf = (signed_distances(np.stack(cov), d) if settings.interpolation != Interpolation.SLAB
            else [None] * len(cov))
 
@@ -361,7 +387,11 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
                 slabs_t.append(t_slab)
                 slabs_c.append(cov[k] if frac < 0.5 else cov[k + 1])
             continue
-        s0, s1 = sdf[k], sdf[k + 1]
+        # window: the two shapes' bounding box plus 3 pixels; beyond it both distances exceed 2.5 pixels, so the
+        # interpolated coverage is 0 there (a growing iso-level is capped by the union below)
+        r0, r1, c0, c1 = _union_box(boxes[k], boxes[k + 1], 3, cov[k].shape)
+        win = (slice(r0, r1), slice(c0, c1))
+        s0, s1 = sdf[k][win], sdf[k + 1][win]
         # stencil for the area profile: up to two connected planes on each side
         lo_k = k - 1 if connected_below else k
         hi_k = k + 2 if (k + 2 < n and gaps[k + 1] <= 1.5 * typical_gap + 1e-6) else k + 1
@@ -382,15 +412,14 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
                     target = float(np.dot(w, area[stencil]))
                 target = min(max(target, a_lo), a_hi)
                 s = np.maximum(s, s_min)  # solve the level on the field capped by the two planes' union
-                level = _level_for_area(s, target, d)
-            c = np.clip(0.5 - (s - level) / d, 0.0, 1.0)
-            if level > 0:
-                # never grow past the union of the two planes' shapes (keeps a prism's flat ends flat)
-                c = np.minimum(c, union_cov)
-            c = c.astype(np.float32)
+                level, c = _coverage_for_area(s, target, d, union_cov)
+            else:
+                c = np.clip(0.5 - s / d, 0.0, 1.0)
+            full = np.zeros(cov[k].shape, dtype=np.float32)
+            full[win] = c
             slabs_z.append(z)
             slabs_t.append(t_slab)
-            slabs_c.append(c)
+            slabs_c.append(full)
 
     boundary = [np.column_stack([np.concatenate(polys), np.full(sum(len(p) for p in polys), z)])
                 for z, polys in planes]
@@ -407,6 +436,38 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
         coverage=np.stack(slabs_c)[order] if slabs_c else np.zeros((0, lattice.ny, lattice.nx), np.float32),
         boundary_points_mm=np.concatenate(boundary),
     )
+
+
+def _coverage_for_area(s: np.ndarray, target_mm2: float, delta_mm: float, cap: np.ndarray,
+                       iterations: int = 3) -> tuple[float, np.ndarray]:
+    """The iso-level L and coverage c = clip(0.5 - (s - L)/delta, 0, 1) (never above ``cap`` where L > 0: a
+    growing level never passes the two planes' union) whose area is ``target_mm2``.
+
+    Starts from the level at which round(target / pixel) pixel centres lie inside, then Newton steps on the
+    area, which is piecewise linear in L (slope: delta per pixel on the coverage ramp), so a field whose
+    gradient is not one pixel per pixel (interpolated distances, the union cap) still gets its exact area.
+    """
+    d2 = delta_mm * delta_mm
+    level = _level_for_area(s, target_mm2, delta_mm)
+    scale = np.float32(1.0 / delta_mm)
+    for i in range(iterations + 1):
+        u = (np.float32(level) - s) * scale + np.float32(0.5)  # coverage before clipping
+        c = np.clip(u, 0.0, 1.0)
+        if level > 0:
+            c = np.minimum(c, cap)
+        if i == iterations:
+            break
+        err = target_mm2 - float(c.sum(dtype=np.float64)) * d2
+        if abs(err) <= 1e-4 * d2:
+            break
+        ramp = (u > 0) & (u < 1)
+        if level > 0:
+            ramp &= c < cap
+        n = int(np.count_nonzero(ramp))
+        if n == 0:
+            break
+        level += err / (n * delta_mm)
+    return level, c
 
 
 def _level_for_area(s: np.ndarray, target_mm2: float, delta_mm: float) -> float:
