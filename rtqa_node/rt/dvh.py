@@ -321,12 +321,15 @@ def _sample_axial(vox: Voxelisation, dose: DoseGrid, *, block_mm: float | None =
     f_dose, f_width = empty, empty
     if len(ks):
         k0, k1, t, dz = _z_cells(vox.z_mm, g)
-        c0, c1, fx = _axis_cells(lat.xs_mm, g.origin_mm[0], g.spacing_mm[0], nc)
-        r0, r1, fy = _axis_cells(lat.ys_mm, g.origin_mm[1], g.spacing_mm[1], nr)
+        x_mm, y_mm, h_n, nx_, ny_ = _covered_part_centres(cov_all, ks, ys, xs, cov, lat)
         f_dose, gxs, gys, gzs = _trilinear_gradient(
-            dose.dose, (k0[ks], k1[ks], t[ks], dz[ks]), (r0[ys], r1[ys], fy[ys], g.spacing_mm[1]),
-            (c0[xs], c1[xs], fx[xs], g.spacing_mm[0]))
-        f_width = np.sqrt((gxs * d_mm) ** 2 + (gys * d_mm) ** 2 + (gzs * vox.thickness_mm[ks]) ** 2)
+            dose.dose, (k0[ks], k1[ks], t[ks], dz[ks]),
+            (*_axis_cells(y_mm, g.origin_mm[1], g.spacing_mm[1], nr), g.spacing_mm[1]),
+            (*_axis_cells(x_mm, g.origin_mm[0], g.spacing_mm[0], nc), g.spacing_mm[0]))
+        # extent of the covered part: h_n along the inward normal, the pixel across it
+        g_n = gxs * nx_ + gys * ny_
+        g_t = gys * nx_ - gxs * ny_
+        f_width = np.sqrt((g_n * h_n) ** 2 + (g_t * d_mm) ** 2 + (gzs * vox.thickness_mm[ks]) ** 2)
     if not len(ks) and not blocks:
         return _Samples(empty, empty, empty, np.zeros(0, bool), outside)
     n_blocks = sum(len(b) for b in b_dose)
@@ -338,6 +341,33 @@ def _sample_axial(vox: Voxelisation, dose: DoseGrid, *, block_mm: float | None =
         outside,
         node_range,
     )
+
+
+def _covered_part_centres(cov_all: np.ndarray, ks, ys, xs, cov: np.ndarray, lat):
+    """Where the covered part of each band pixel lies: (x_mm, y_mm) of its centre, its extent (mm) along the
+    inward normal, and that normal (nx, ny).
+
+    The normal is the in-plane coverage gradient (central differences); for a straight edge the covered part of
+    a pixel with coverage c is a strip c pixels deep whose centre lies (1 - c)/2 pixels inward of the pixel's
+    centre (exact for an edge along a lattice axis, 0.24 against 0.25 pixels for c = 1/2 on a diagonal). A fully
+    covered pixel, or one without a gradient, keeps its centre and full extent.
+    """
+    _, ny, nx = cov_all.shape
+    d = lat.delta_mm
+    xl, xr = np.maximum(xs - 1, 0), np.minimum(xs + 1, nx - 1)
+    yl, yr = np.maximum(ys - 1, 0), np.minimum(ys + 1, ny - 1)
+    gx = cov_all[ks, ys, xr].astype(np.float64) - cov_all[ks, ys, xl]
+    gy = cov_all[ks, yr, xs].astype(np.float64) - cov_all[ks, yl, xs]
+    norm = np.hypot(gx, gy)
+    part = (cov < 1.0) & (norm > 1e-6)
+    safe = np.where(part, norm, 1.0)
+    n_x = np.where(part, gx / safe, 1.0)
+    n_y = np.where(part, gy / safe, 0.0)
+    shift = np.where(part, 0.5 * (1.0 - cov) * d, 0.0)
+    x_mm = lat.x0_mm + xs * d + shift * n_x
+    y_mm = lat.y0_mm + ys * d + shift * n_y
+    h_n = np.where(part, cov * d, d)
+    return x_mm, y_mm, h_n, n_x, n_y
 
 
 def _node_range_in(taken: np.ndarray, group: np.ndarray, vox: Voxelisation, dose: DoseGrid,
