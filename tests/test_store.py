@@ -11,7 +11,15 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 
 from conftest import dicom_files
 from rtqa_node.store import Arrival, Outcome, Refusal, Store, StoreRefused
-from rtqa_node.store.describe import IMAGE_TAGS, describe, describe_image
+from rtqa_node.store.describe import (
+    IMAGE_TAGS,
+    REFERENCE_PATHS,
+    DescriptionError,
+    RefKind,
+    describe,
+    describe_image,
+    describe_walked,
+)
 from rtqa_node.store.encoding import EncodingError, check_dataset_encoding, read_part10_header, walk_dataset
 
 
@@ -283,3 +291,56 @@ def test_images_described_from_raw_values_match_pydicom(rt_data):
         assert fast == describe(pydicom.dcmread(path, stop_before_pixels=True)), path
         compared += 1
     assert compared >= 100  # the CT slices of the collection
+
+
+def test_every_object_described_from_the_walk_matches_pydicom(rt_data):
+    """RTSTRUCT, RTPLAN, RTDOSE, ...: identity, frame of reference and every RT reference edge from the values the
+    encoding walk collects (REFERENCE_PATHS) equal what describe() reads with pydicom, failures included."""
+    compared = set()
+    for path in dicom_files(rt_data):
+        data = path.read_bytes()
+        if data[128:132] != b"DICM":
+            continue
+        try:
+            header = read_part10_header(data)
+            walk = walk_dataset(data, header.dataset_offset, header.transfer_syntax_uid,
+                                capture=frozenset(IMAGE_TAGS.values()), nested=REFERENCE_PATHS)
+        except EncodingError:
+            continue
+        if walk.incomplete:  # a wanted sequence encoded as UN (rtdose_rle.dcm): the store reads it with pydicom
+            continue
+        try:
+            expected = describe(pydicom.dcmread(path, stop_before_pixels=True))
+        except DescriptionError as exc:
+            with pytest.raises(DescriptionError) as raised:
+                describe_walked(walk.values, walk.nested)
+            assert raised.value.kind == exc.kind, path
+            continue
+        assert describe_walked(walk.values, walk.nested) == expected, path
+        compared.add(expected.modality)
+    assert {"RTSTRUCT", "RTPLAN", "RTDOSE", "CT"} <= compared
+
+
+def test_a_reference_sequence_encoded_as_un_falls_back_to_pydicom(tmp_path, rt_data, monkeypatch):
+    ds = pydicom.dcmread(rt_data / "eclipse-breast-boost-dicompyler" / "rtplan.dcm")
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    # what a node without the tag in its dictionary forwards: the sequence as UN, implicit VR little endian inside
+    only = pydicom.Dataset()
+    only.ReferencedStructureSetSequence = ds.ReferencedStructureSetSequence
+    buffer = pydicom.filebase.DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    pydicom.filewriter.write_dataset(buffer, only)
+    referenced = str(ds.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID)
+    del ds[0x300C0060]
+    monkeypatch.setattr(pydicom.config, "replace_un_with_known_vr", False)
+    ds.add_new(0x300C0060, "UN", buffer.getvalue()[8:])
+    ds.save_as(tmp_path / "un.dcm", enforce_file_format=True)
+    monkeypatch.undo()  # pydicom reads a UN with a known tag as its dictionary VR again
+    data = (tmp_path / "un.dcm").read_bytes()
+    header = read_part10_header(data)
+    walk = walk_dataset(data, header.dataset_offset, header.transfer_syntax_uid, nested=REFERENCE_PATHS)
+    assert walk.incomplete
+    store = Store(tmp_path / "data")
+    result = store.import_file(tmp_path / "un.dcm")
+    assert (RefKind.RTSTRUCT, referenced) in result.description.references
+    store.close()

@@ -109,6 +109,11 @@ def describe_image(values: dict[int, bytes]) -> ObjectDescription | None:
     sop_class = values.get(IMAGE_TAGS["SOPClassUID"], b"").strip(b"\x00 ").decode("ascii", "replace")
     if sop_class not in _PLAIN_IMAGE_CLASSES:
         return None
+    get = _raw_getter(values)
+    return _description(get, frame_of_reference_uid=get("FrameOfReferenceUID", ""), references=())
+
+
+def _raw_getter(values: dict[int, bytes]):
     charset = values.get(IMAGE_TAGS["SpecificCharacterSet"], b"").decode("ascii", "replace").strip("\x00 ")
     encodings = [e.strip() for e in charset.split("\\")] if charset else ["ISO_IR 6"]
 
@@ -120,7 +125,53 @@ def describe_image(values: dict[int, bytes]) -> ObjectDescription | None:
             return decode_bytes(raw, encodings, {0x00100020}).strip("\x00 ")
         return raw.decode("ascii", "replace").strip("\x00 ")
 
-    return _description(get, frame_of_reference_uid=get("FrameOfReferenceUID", ""), references=())
+    return get
+
+
+#: Where the references of :func:`_references` (and the RTSTRUCT frame of reference fallbacks of
+#: :func:`frame_of_reference`) sit, as a ``nested`` tree for ``encoding.walk_dataset``.
+REFERENCE_PATHS: dict = {
+    0x300C0060: {0x00081155: RefKind.RTSTRUCT},              # ReferencedStructureSetSequence
+    0x300C0002: {0x00081155: RefKind.RTPLAN},                # ReferencedRTPlanSequence
+    0x30060010: {                                            # ReferencedFrameOfReferenceSequence
+        0x00200052: RefKind.FRAME_OF_REFERENCE,
+        0x30060012: {0x30060014: {                           # RTReferencedStudy / RTReferencedSeries
+            0x0020000E: RefKind.IMAGE_SERIES,
+            0x30060016: {0x00081155: RefKind.IMAGE},         # ContourImageSequence
+        }},
+    },
+    0x30060039: {0x30060040: {0x30060016: {0x00081155: RefKind.IMAGE}}},  # ROIContour / Contour / ContourImage
+    0x30060020: {0x30060024: "roi_frame_of_reference"},      # StructureSetROISequence
+}
+_REF_ORDER = (RefKind.RTSTRUCT, RefKind.RTPLAN, RefKind.FRAME_OF_REFERENCE, RefKind.IMAGE_SERIES, RefKind.IMAGE)
+
+
+def describe_walked(values: dict[int, bytes], nested: dict[str, list[bytes]]) -> ObjectDescription | None:
+    """Describe any object from what the encoding walk captured: the top-level :data:`IMAGE_TAGS` and the
+    :data:`REFERENCE_PATHS`, as :func:`describe` does from a pydicom parse (an RTSTRUCT's parse cost 35 ms).
+
+    Returns None when a value is one the raw path does not interpret as pydicom would (several values, bytes
+    outside ASCII): :func:`describe` must then read the object.
+
+    Raises:
+        DescriptionError: as :func:`describe`.
+    """
+    for raw in (*(values.get(IMAGE_TAGS[k], b"") for k in (*_IDENTIFYING, "Modality", "FrameOfReferenceUID")),
+                *(v for found in nested.values() for v in found)):
+        if b"\\" in raw or not raw.isascii():
+            return None
+    get = _raw_getter(values)
+
+    def uids(label: str):
+        for raw in nested.get(label, ()):
+            value = raw.decode("ascii").strip("\x00 ")
+            if value:
+                yield value
+
+    frame = get("FrameOfReferenceUID", "") or next(uids(RefKind.FRAME_OF_REFERENCE), "") \
+        or next(uids("roi_frame_of_reference"), "")
+    references = {(kind, uid) for kind in _REF_ORDER for uid in uids(kind)}
+    return _description(get, frame_of_reference_uid=frame, references=tuple(sorted(references)))
 
 
 def _description(get, *, frame_of_reference_uid: str, references: tuple) -> ObjectDescription:

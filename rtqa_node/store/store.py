@@ -49,10 +49,12 @@ from rtqa_node.log import uid_ref
 from rtqa_node.store import files
 from rtqa_node.store.describe import (
     IMAGE_TAGS,
+    REFERENCE_PATHS,
     DescriptionError,
     ObjectDescription,
     describe,
     describe_image,
+    describe_walked,
     expected_modalities,
 )
 from rtqa_node.store.encoding import EncodingError, Walk, read_part10_header, walk_dataset
@@ -206,7 +208,7 @@ class Store:
             )
         self._check_free_space(size_bytes)
         offset, transfer_syntax, walk = self._check_encoding(temp_path)
-        description = self._describe(temp_path, arrival, walk.values)
+        description = self._describe(temp_path, arrival, walk)
         content_sha256 = walk.content_sha256
         received_at_s = time.time()
         try:
@@ -233,15 +235,19 @@ class Store:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 try:
                     header = read_part10_header(buf)
-                    walk = walk_dataset(buf, header.dataset_offset, header.transfer_syntax_uid, capture=_CAPTURE)
+                    walk = walk_dataset(buf, header.dataset_offset, header.transfer_syntax_uid, capture=_CAPTURE,
+                                        nested=REFERENCE_PATHS)
                 except EncodingError as exc:
                     message = str(exc) if str(exc).startswith("truncated") else f"malformed data set: {exc}"
                     raise StoreRefused(Refusal.UNPARSEABLE, message) from exc
         return header.dataset_offset, header.transfer_syntax_uid, walk
 
-    def _describe(self, temp_path: Path, arrival: Arrival, values: dict[int, bytes]) -> ObjectDescription:
+    def _describe(self, temp_path: Path, arrival: Arrival, walk: Walk) -> ObjectDescription:
         try:
-            description = describe_image(values)
+            # From the values the encoding walk captured; pydicom only where the walk could not see everything
+            description = describe_image(walk.values)
+            if description is None and not walk.incomplete:
+                description = describe_walked(walk.values, walk.nested)
             if description is None:
                 description = describe(pydicom.dcmread(temp_path, stop_before_pixels=True))
         except DescriptionError as exc:
@@ -432,7 +438,7 @@ class Store:
         """A published file without a row: it passed every check before its rename; check it again."""
         try:
             offset, transfer_syntax, walk = self._check_encoding(path)
-            description = self._describe(path, Arrival(), walk.values)
+            description = self._describe(path, Arrival(), walk)
             content_sha256 = walk.content_sha256
         except StoreRefused:
             path.unlink()
