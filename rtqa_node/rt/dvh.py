@@ -284,8 +284,11 @@ def _sample_axial(vox: Voxelisation, dose: DoseGrid, *, block_mm: float | None =
     group = _slab_groups(vox, float(g.spacing_mm[2]))
     n_groups = int(group[-1]) + 1 if len(group) else 0
     starts = np.searchsorted(group, np.arange(n_groups))
-    full = (cov_all >= 1.0) & valid[:, None, None]
-    full &= in_y[None, :, None] & in_x[None, None, :]
+    full = cov_all >= 1.0
+    if not valid.all():
+        full &= valid[:, None, None]
+    if not (in_y.all() and in_x.all()):
+        full &= in_y[None, :, None] & in_x[None, None, :]
     if n_groups == len(group):
         full_g = full
     else:
@@ -394,7 +397,8 @@ def _node_range_in(taken: np.ndarray, group: np.ndarray, vox: Voxelisation, dose
     if not mask.any():
         return None
     values = dose.dose[frames][:, index(rj)][:, :, index(ci)]
-    return float(np.where(mask, values, np.inf).min()), float(np.where(mask, values, -np.inf).max())
+    return (float(np.min(values, where=mask, initial=np.inf)),
+            float(np.max(values, where=mask, initial=-np.inf)))
 
 
 def _sample_general(vox: Voxelisation, dose: DoseGrid) -> _Samples:

@@ -223,7 +223,8 @@ def signed_distances(coverage: np.ndarray, delta_mm: float) -> np.ndarray:
     sdf *= np.float32(delta_mm)
     partial = covered & (cov < 1)
     partial[point] = False
-    np.copyto(sdf, (np.float32(0.5) - cov) * np.float32(delta_mm), where=partial)
+    at = np.nonzero(partial)
+    sdf[at] = (np.float32(0.5) - cov[at]) * np.float32(delta_mm)
     sdf[~has_cov] = np.inf
     return sdf[:, 1:-1, 1:-1] if pad else sdf
 
@@ -263,13 +264,19 @@ def _choose_lattice(planes, reference: GridGeometry | None, settings: RasterSett
     return Lattice(x0, y0, delta, nx, ny), m
 
 
-def _box(c: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(row0, row1, col0, col1) half-open bounding box of the covered pixels, None when empty."""
-    rows = np.nonzero(c.any(axis=1))[0]
-    if not len(rows):
-        return None
-    cols = np.nonzero(c.any(axis=0))[0]
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+def _plane_boxes(cov: np.ndarray):
+    """Per plane of a coverage stack (P, ny, nx): the half-open bounding box (row0, row1, col0, col1) of its
+    covered pixels (None when empty), its larger side in pixels, and whether it is degenerate (covered, but no
+    pixel half covered)."""
+    covered = cov > 0
+    rows, cols = covered.any(axis=2), covered.any(axis=1)
+    has = rows.any(axis=1)
+    r0, r1 = rows.argmax(axis=1), rows.shape[1] - rows[:, ::-1].argmax(axis=1)
+    c0, c1 = cols.argmax(axis=1), cols.shape[1] - cols[:, ::-1].argmax(axis=1)
+    boxes = [(int(r0[k]), int(r1[k]), int(c0[k]), int(c1[k])) if has[k] else None for k in range(len(cov))]
+    extent = np.where(has, np.maximum(r1 - r0, c1 - c0), 0)
+    degenerate = has & (cov.max(axis=(1, 2)) < 0.5)
+    return boxes, extent, degenerate
 
 
 def _union_box(a, b, margin: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -278,24 +285,15 @@ def _union_box(a, b, margin: int, shape: tuple[int, int]) -> tuple[int, int, int
             max(min(x[2] for x in boxes) - margin, 0), min(max(x[3] for x in boxes) + margin, shape[1]))
 
 
-def _line_like_degenerate(cov: list[np.ndarray]) -> np.ndarray:
+def _line_like_degenerate(extent: np.ndarray, degenerate: np.ndarray) -> np.ndarray:
     """Per plane: its shape is thinner than half a pixel everywhere (no pixel half covered) yet its trace is a
     line at least half as long as the next plane's shape is wide (at least 3 pixels): the surface touches this
     plane along a line, as a cylinder or a cone lying across the planes does."""
-    n = len(cov)
-    ext = np.zeros(n)
-    degenerate = np.zeros(n, dtype=bool)
-    for k, c in enumerate(cov):
-        rows = np.nonzero(c.any(axis=1))[0]
-        if not len(rows):
-            continue
-        cols = np.nonzero(c.any(axis=0))[0]
-        ext[k] = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
-        degenerate[k] = c.max() < 0.5
+    n = len(extent)
     out = np.zeros(n, dtype=bool)
-    for k in np.nonzero(degenerate & (ext >= 3))[0]:
-        near = [ext[i] for i in (k - 1, k + 1) if 0 <= i < n and not degenerate[i]]
-        out[k] = bool(near) and ext[k] >= 0.5 * max(near)
+    for k in np.nonzero(degenerate & (extent >= 3))[0]:
+        near = [extent[i] for i in (k - 1, k + 1) if 0 <= i < n and not degenerate[i]]
+        out[k] = bool(near) and extent[k] >= 0.5 * max(near)
     return out
 
 
@@ -339,11 +337,11 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
     lattice, _ = _choose_lattice(planes, reference, settings, n_z_for)
     step = step_for(lattice.delta_mm)
     d = lattice.delta_mm
-    cov = list(rasterise_planes([polys for _, polys in planes], lattice, settings.row_samples))
-    area = np.asarray([c.sum(dtype=np.float64) for c in cov]) * d * d
-    line_end = _line_like_degenerate(cov)
-    boxes = [_box(c) for c in cov]
-    sdf = (signed_distances(np.stack(cov), d) if settings.interpolation != Interpolation.SLAB
+    cov = rasterise_planes([polys for _, polys in planes], lattice, settings.row_samples)
+    area = cov.sum(axis=(1, 2), dtype=np.float64) * d * d
+    boxes, extent, degenerate = _plane_boxes(cov)
+    line_end = _line_like_degenerate(extent, degenerate)
+    sdf = (signed_distances(cov, d) if settings.interpolation != Interpolation.SLAB
            else [None] * len(cov))
 
     slabs_z: list[float] = []
@@ -424,12 +422,16 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
                              (planes[-1][0], planes[-1][1], typical_gap / 2)):
             pts = np.concatenate(polys)
             boundary.append(np.column_stack([pts, np.full(len(pts), z + dz)]))
-    order = np.argsort(slabs_z, kind="stable")
+    z_arr, t_arr = np.asarray(slabs_z, dtype=np.float64), np.asarray(slabs_t, dtype=np.float64)
+    coverage = np.stack(slabs_c) if slabs_c else np.zeros((0, lattice.ny, lattice.nx), np.float32)
+    if np.any(np.diff(z_arr) < 0):  # slabs are made bottom to top; keep the guarantee without a copy otherwise
+        order = np.argsort(z_arr, kind="stable")
+        z_arr, t_arr, coverage = z_arr[order], t_arr[order], coverage[order]
     return Voxelisation(
         lattice=lattice,
-        z_mm=np.asarray(slabs_z)[order],
-        thickness_mm=np.asarray(slabs_t)[order],
-        coverage=np.stack(slabs_c)[order] if slabs_c else np.zeros((0, lattice.ny, lattice.nx), np.float32),
+        z_mm=z_arr,
+        thickness_mm=t_arr,
+        coverage=coverage,
         boundary_points_mm=np.concatenate(boundary),
     )
 
@@ -440,29 +442,35 @@ def _coverage_for_area(s: np.ndarray, target_mm2: float, delta_mm: float, cap: n
     growing level never passes the two planes' union) whose area is ``target_mm2``.
 
     Starts from the level at which round(target / pixel) pixel centres lie inside, then Newton steps on the
-    area, which is piecewise linear in L (slope: delta per pixel on the coverage ramp), so a field whose
-    gradient is not one pixel per pixel (interpolated distances, the union cap) still gets its exact area.
+    area, which is piecewise linear in L (slope: delta per pixel on the coverage ramp), a secant step once a
+    step overshoots; so a field whose gradient is not one pixel per pixel (interpolated distances, the union
+    cap) still gets its exact area.
     """
     d2 = delta_mm * delta_mm
     level = _level_for_area(s, target_mm2, delta_mm)
     scale = np.float32(1.0 / delta_mm)
+    prev = None  # (level, error) of the previous step: secant steps after the first Newton step
     for i in range(iterations + 1):
         u = (np.float32(level) - s) * scale + np.float32(0.5)  # coverage before clipping
-        c = np.clip(u, 0.0, 1.0)
+        c = np.clip(u, 0.0, 1.0, out=u)
         if level > 0:
-            c = np.minimum(c, cap)
+            np.minimum(c, cap, out=c)
         if i == iterations:
             break
         err = target_mm2 - float(c.sum(dtype=np.float64)) * d2
         if abs(err) <= 1e-4 * d2:
             break
-        ramp = (u > 0) & (u < 1)
-        if level > 0:
-            ramp &= c < cap
-        n = int(np.count_nonzero(ramp))
-        if n == 0:
-            break
-        level += err / (n * delta_mm)
+        if prev is None or (prev[1] > 0) == (err > 0):
+            # Newton: the slope is delta per pixel on the ramp (pixels the cap holds are not on it)
+            ramp = (c > 0) & (c < 1) if level <= 0 else (c > 0) & (c < np.minimum(cap, 1.0))
+            n = int(np.count_nonzero(ramp))
+            if n == 0:
+                break
+            step = err / (n * delta_mm)
+        else:  # the last step overshot: secant through the bracket (the area is piecewise linear in L)
+            step = err * (level - prev[0]) / (prev[1] - err)
+        prev = (level, err)
+        level += step
     return level, c
 
 
