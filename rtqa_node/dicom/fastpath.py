@@ -1,4 +1,6 @@
-"""A direct encoder for the C-STORE response, the one message the node sends for every object it receives.
+"""Two narrow replacements in pynetdicom's per-message path: the C-STORE response encoder and the socket read.
+
+**The C-STORE response**, the one message the node sends for every object it receives.
 
 pynetdicom sends a response by converting the primitive to a DIMSE message whose command set is a pydicom
 Dataset, encoding that Dataset once to compute the Command Group Length and again to send it, and firing
@@ -9,6 +11,12 @@ that carries nothing else (no Offending Element, no Error Comment) when no handl
 ``EVT_DIMSE_SENT``, and hands the P-DATA primitive to the DUL as pynetdicom does. Any other message, a failure
 response with a comment, or a bound handler goes through pynetdicom unchanged. ``tests/test_scp.py`` checks the
 bytes against pynetdicom's own encoding.
+
+**The socket read.** ``AssociationSocket.recv(n)`` reads a PDU in 4096-byte ``socket.recv`` calls, each one a
+new bytes object appended to a bytearray: 32 calls for each 128 KiB P-DATA-TF PDU, about 160 for a CT slice,
+in the DUL thread that every message waits for. :func:`install` replaces it with ``recv_into`` a buffer of the
+requested size, which returns as much as the socket holds in one call; the contract is pynetdicom's: block until
+``n`` bytes are read, return fewer only when the peer closed the connection, let socket errors propagate.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import AssociationSocket
 
 _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
@@ -55,8 +64,29 @@ def encode_c_store_rsp(primitive: C_STORE) -> bytes | None:
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
+def recv(self, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` reading into one buffer (see the module docstring)."""
+    bytestream = bytearray(nr_bytes)
+    view = memoryview(bytestream)
+    nr_read = 0
+    sock = self.socket
+    with view:
+        while nr_read < nr_bytes:
+            received = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if not received:  # the connection was closed: return what was read, as pynetdicom does
+                break
+            nr_read += received
+    if nr_read < nr_bytes:
+        del bytestream[nr_read:]
+    return bytestream
+
+
 def install() -> None:
-    """Wrap ``DIMSEServiceProvider.send_msg`` (idempotent)."""
+    """Wrap ``DIMSEServiceProvider.send_msg`` and replace ``AssociationSocket.recv`` (idempotent)."""
+    if not getattr(AssociationSocket.recv, "_rtqa_fastpath", False):
+        recv._rtqa_fastpath = True
+        recv.__wrapped__ = AssociationSocket.recv
+        AssociationSocket.recv = recv
     if getattr(DIMSEServiceProvider.send_msg, "_rtqa_fastpath", False):
         return
     original = DIMSEServiceProvider.send_msg

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from concurrent import futures
 import errno
 import hashlib
 import json
@@ -170,8 +171,11 @@ class Store:
         #: serialises lookup -> rename -> insert of this store's ingests (the index's lock is held only for
         #: the short transactions, so that other connections' commits never wait for our fsyncs and vice versa)
         self._publish_lock = threading.Lock()
+        #: fsyncs received files while the ingesting thread walks them
+        self._syncer = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-fsync")
 
     def close(self) -> None:
+        self._syncer.shutdown(wait=True)
         self.index.close()
 
     # -- ingest ------------------------------------------------------------------------------------------
@@ -207,17 +211,26 @@ class Store:
                 f"object of {size_bytes} bytes exceeds the configured limit of {self.max_object_bytes} bytes",
             )
         self._check_free_space(size_bytes)
-        offset, transfer_syntax, walk = self._check_encoding(temp_path)
-        description = self._describe(temp_path, arrival, walk)
-        content_sha256 = walk.content_sha256
         received_at_s = time.time()
         try:
             if self.rows_rebuildable:
                 files.set_arrival(temp_path, _arrival_record(arrival, received_at_s))
-            files.fsync_file(temp_path)
         except OSError as exc:
             raise self._write_refusal(exc) from exc
-        stored = _Encoded(transfer_syntax, offset, size_bytes, content_sha256)
+        # The fsync waits for the disk, the walk for the CPU (SHA-256 releases the GIL): both at once. Whatever
+        # the walk finds, the fsync has finished before anything is published or refused.
+        synced = self._syncer.submit(files.fsync_file, temp_path)
+        try:
+            offset, transfer_syntax, walk = self._check_encoding(temp_path)
+            description = self._describe(temp_path, arrival, walk)
+        except BaseException:
+            futures.wait([synced])
+            raise
+        try:
+            synced.result()
+        except OSError as exc:
+            raise self._write_refusal(exc) from exc
+        stored = _Encoded(transfer_syntax, offset, size_bytes, walk.content_sha256)
         return self._publish(temp_path, arrival, description, stored, received_at_s)
 
     def _check_free_space(self, size_bytes: int) -> None:
