@@ -35,9 +35,9 @@ TEST2_1MM_BOUND_PCT = {"volume_cc": 0.5, "dmin_gy": 0.05, "dmax_gy": 0.05, "dmea
 # 3 mm spacing, AP gradient, D99. Its coldest 1 % is the 36 mm^3 tip (y > 0.8 mm), a cone 2.6 mm in radius
 # around that one plane; the planes 3 mm on either side do not reach it, so the contours do not determine the
 # tip's shape between planes, and shape-based interpolation (in-plane distances) retreats the tip faster than
-# the true circular cone does: +5.4 %. Bounded here at what is achieved; every other metric and row (D95 of
-# that row +1.9 %; RtCylinder, whose line-like end contours are interpolated as lines) is held to the paper's 3 %.
-KNOWN_HARD = {("RtCone", "d99_gy"): 6.0}
+# the true circular cone does: +4.7 %. Bounded here at what is achieved; every other metric and row (D95 of
+# that row +1.6 %; RtCylinder, whose line-like end contours are interpolated as lines) is held to the paper's 3 %.
+KNOWN_HARD = {("RtCone", "d99_gy"): 5.3}
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +83,10 @@ def test_nelms_every_row_within_paper_tolerance_or_tighter(nelms_results, record
         for ref, _ in METRICS:
             if r["test"] == "1":
                 bound = TEST1_BOUND_PCT[ref]
-            elif (r["shape"], ref) in KNOWN_HARD:
-                bound = KNOWN_HARD[(r["shape"], ref)]
             elif spacing <= 1.0:
                 bound = TEST2_1MM_BOUND_PCT[ref]
+            elif (r["shape"], ref) in KNOWN_HARD:
+                bound = KNOWN_HARD[(r["shape"], ref)]
             else:
                 bound = PAPER_TOLERANCE_PCT
             if abs(errors[ref]) > bound:

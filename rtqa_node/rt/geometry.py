@@ -13,8 +13,14 @@ Conventions (docs/architecture.md, "Review data: RT geometry and DVH"):
   (what most DVH tools do); ``LINEAR`` interpolates the in-plane signed distance linearly in z (shape-based
   interpolation, Herman et al. 1992); ``SMOOTH`` (default) takes the shape from that interpolated signed distance
   but sets its iso-level so that the cross-section area follows a cubic through the areas of the neighbouring
-  planes (clamped to their range). A sphere or cone, whose area is quadratic in z, is then reproduced exactly
-  between planes; the slab stack is 1.6 % low on Nelms' 3 mm sphere.
+  planes (clamped to their range), solved exactly on the coverage ramp (Newton and secant steps). A sphere or
+  cone, whose area is quadratic in z, is then reproduced exactly between planes; the slab stack is 1.6 % low on
+  Nelms' 3 mm sphere. In-plane distances are city-block (one chamfer pass for all planes of a structure).
+- **Degenerate planes.** A contour thinner than half a pixel everywhere (a pole, an apex, the sliver where a
+  cylinder lying across the planes touches its last plane) is kept as its trace, the pixels it touches (a point
+  stays a point, a line a line), and the shapes beside it shrink onto that trace. Where the trace is a line at
+  least half as long as the next plane's shape is wide, the surface touches the plane along a line and the width
+  grows as sqrt(distance): the cubic then runs through the squared areas (exact for a circular cylinder).
 - **End caps** (:class:`EndCap`): ``HALF_SLICE`` (default) extrudes the first and last contour plane outward by
   half the local contour spacing (the Nelms et al. 2015 analytic reference and Pinnacle do this); ``NONE`` ends the
   structure at its first and last planes (Eclipse). A shape that ends inside the structure (a plane with no
