@@ -398,7 +398,7 @@ def _node_range_in(taken: np.ndarray, group: np.ndarray, vox: Voxelisation, dose
     mask = taken[group[slab[frames]]][:, index(j[rj])][:, :, index(i[ci])]  # (F, R, C)
     if not mask.any():
         return None
-    values = dose.dose[frames][:, index(rj)][:, :, index(ci)]
+    values = dose.dose[index(frames)][:, index(rj)][:, :, index(ci)]  # views where the indices run on
     return (float(np.min(values, where=mask, initial=np.inf)),
             float(np.max(values, where=mask, initial=-np.inf)))
 
