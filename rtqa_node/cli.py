@@ -209,6 +209,7 @@ def _add_cohort_args(p, *, default_seed: int, default_patients: int) -> None:
     p.add_argument("--sites", type=int, default=3, help="synthetic cohort sites (default 3)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "rtqa-node",
                    help="cache of simulated bags (default ~/.cache/rtqa-node)")
+    p.add_argument("--jobs", type=int, default=1, help="processes simulating the synthetic cohort (default 1)")
 
 
 def _cohort(args):
@@ -224,7 +225,8 @@ def _cohort(args):
             raise InputError(str(exc)) from exc
     if args.patients < 4:
         raise InputError(f"--patients must be >= 4, got {args.patients}")
-    return (simulate_cohort(patients=args.patients, seed=args.seed, sites=args.sites, cache_dir=args.cache),
+    return (simulate_cohort(patients=args.patients, seed=args.seed, sites=args.sites, cache_dir=args.cache,
+                            jobs=args.jobs),
             {"source": "synthetic", "patients": args.patients, "seed": args.seed, "sites": args.sites,
              "synth_digest": source_digest()})
 
@@ -291,7 +293,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if data.get("source") != "synthetic":
         raise InputError("the baselines are fitted on the models' training cohort, which must be synthetic here")
     train_cohort = simulate_cohort(patients=data["patients"], seed=data["seed"], sites=data["sites"],
-                                   cache_dir=args.cache)
+                                   cache_dir=args.cache, jobs=args.jobs)
     test, _ = _cohort(args)
     result = evaluate(models, train_cohort, test, out_dir=args.out)
     if args.update_cards:

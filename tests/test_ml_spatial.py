@@ -12,6 +12,7 @@ from rtqa_node.ml.bags import PATCH_FEATURES, PATCH_SHAPE, SPATIAL_CHANNELS
 from rtqa_node.ml.evaluate import auc
 from rtqa_node.ml.mil import TASKS
 from rtqa_node.ml.spatial import SpatialConfig, SpatialMil, attention_entropy
+from rtqa_node.ml.train import TrainConfig, entropy_weight
 
 
 @pytest.fixture(autouse=True)
@@ -84,11 +85,13 @@ def test_spatial_mil_learns_a_planted_subregion_and_its_risk_map_concentrates_th
     vt, ft, rt, mt, yt, planted = _toy(80, seed=2)
     model = SpatialMil(SpatialConfig(dropout=0.0))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    config = TrainConfig(model="spatial")
     for epoch in range(20):
+        weight = entropy_weight(config, epoch)  # the prior after a warm-up, as train.py
         for i in torch.randperm(len(y)).split(16):
             out = model(v[i], f[i], r[i], m[i])
             loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits[:, LOGIT], y[i])
-            loss = loss + 0.05 * attention_entropy(out.voxel_attention[:, BRANCH:BRANCH + 1])  # as train.py
+            loss = loss + weight * attention_entropy(out.voxel_attention[:, BRANCH:BRANCH + 1])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -100,3 +103,26 @@ def test_spatial_mil_learns_a_planted_subregion_and_its_risk_map_concentrates_th
     inside = (mass * planted.flatten(2)).sum((1, 2))
     # the sub-region is 32 of 2048 organ voxels (1.6 %); the issue asks for >= 70 % of the mass
     assert float(inside.mean()) > 0.7
+
+
+def test_entropy_prior_from_the_first_epoch_collapses_position_attention():
+    """Why train.py warms up: with the prior from epoch 0 the anatomy-driven attention concentrates before the
+    outcome has shaped it, and the model learns nothing."""
+    torch.manual_seed(0)
+    v, f, r, m, y, _ = _toy(120, seed=1)
+    vt, ft, rt, mt, yt, planted = _toy(80, seed=2)
+    model = SpatialMil(SpatialConfig(dropout=0.0))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for epoch in range(20):
+        for i in torch.randperm(len(y)).split(16):
+            out = model(v[i], f[i], r[i], m[i])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits[:, LOGIT], y[i])
+            loss = loss + 0.05 * attention_entropy(out.voxel_attention[:, BRANCH:BRANCH + 1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(vt, ft, rt, mt)
+    mass = out.voxel_attention[:, BRANCH].flatten(2)
+    assert float((mass * planted.flatten(2)).sum((1, 2)).mean()) < 0.2

@@ -237,31 +237,48 @@ CHUNK_PATIENTS = 25
 
 
 def simulate_cohort(*, patients: int, seed: int, sites: int = 3, first: int = 0,
-                    cache_dir: Path | None = None) -> Cohort:
+                    cache_dir: Path | None = None, jobs: int = 1) -> Cohort:
     """Patients ``first .. first+patients-1`` of the synthetic cohort (seed, sites) as a :class:`Cohort`.
 
     With ``cache_dir``, simulated in chunks of CHUNK_PATIENTS cached under a key that includes a digest of the
-    generator's and the bags' source, so an interrupted run resumes and parallel runs can share the work.
-    Patient i does not depend on the cohort size (synth contract), so chunks of larger cohorts are reused.
+    generator's and the bags' source, so an interrupted run resumes and parallel runs can share the work;
+    ``jobs`` > 1 simulates the missing chunks in that many processes. Patient i does not depend on the cohort
+    size (synth contract), so chunks of larger cohorts are reused.
     """
     if cache_dir is None:
         return _simulate(seed, sites, first, patients)
+    starts = list(range(first - first % CHUNK_PATIENTS, first + patients, CHUNK_PATIENTS))
+    paths = {c: Path(cache_dir) / f"synth-s{seed}-k{sites}-c{c}-{CHUNK_PATIENTS}-{_synth_source_digest()}.npz"
+             for c in starts}
+    missing = [c for c in starts if not paths[c].exists()]
+    if jobs > 1 and len(missing) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        import multiprocessing
+
+        # fork: the children only run numpy (synth + bags), and callers need no __main__ guard
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with ProcessPoolExecutor(min(jobs, len(missing)), mp_context=context) as pool:
+            list(pool.map(_simulate_chunk, [(paths[c], seed, sites, c) for c in missing]))
     parts = []
-    for start in range(first, first + patients, CHUNK_PATIENTS):
-        chunk_first = start - start % CHUNK_PATIENTS
-        path = Path(cache_dir) / f"synth-s{seed}-k{sites}-c{chunk_first}-{CHUNK_PATIENTS}-{_synth_source_digest()}.npz"
-        if path.exists():
-            chunk = Cohort.load(path)
-        else:
-            chunk = _simulate(seed, sites, chunk_first, CHUNK_PATIENTS)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-            chunk.save(tmp)
-            tmp.replace(path)
+    for chunk_first in starts:
+        chunk = Cohort.load(paths[chunk_first]) if paths[chunk_first].exists() else \
+            _simulate_chunk((paths[chunk_first], seed, sites, chunk_first))
         lo = max(first, chunk_first) - chunk_first
         hi = min(first + patients, chunk_first + CHUNK_PATIENTS) - chunk_first
         parts.append(chunk.subset(np.arange(lo, hi)))
     return concatenate(parts)
+
+
+def _simulate_chunk(job: tuple[Path, int, int, int]) -> Cohort:
+    """Simulate one cache chunk and write it atomically (a worker process's unit of work)."""
+    path, seed, sites, chunk_first = job
+    chunk = _simulate(seed, sites, chunk_first, CHUNK_PATIENTS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    chunk.save(tmp)
+    tmp.replace(path)
+    return chunk
 
 
 def concatenate(parts: list[Cohort]) -> Cohort:
