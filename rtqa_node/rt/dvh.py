@@ -191,7 +191,7 @@ def _interior_blocks(full_g: np.ndarray, max_block: int) -> tuple[list[tuple[int
     """Split the full pixels of each slab group (G, ny, nx) into aligned square blocks of side max_block, ...,
     2, 1 lattice pixels, each pixel in the largest full block containing it.
 
-    Returns: [(side, (n, 3) block indices g, by, bx)] and the (G, ny, nx) mask of the pixels so covered.
+    Returns: [(side, (g, by, bx) block index arrays)] and the (G, ny, nx) mask of the pixels so covered.
     """
     _, ny, nx = full_g.shape
     pad_y, pad_x = -ny % max_block, -nx % max_block
@@ -208,9 +208,9 @@ def _interior_blocks(full_g: np.ndarray, max_block: int) -> tuple[list[tuple[int
             up[:] = taken[:, :, None, :, None]
             taken = up.reshape(g_, 2 * by, 2 * bx)
         pick = pyramid[level] & ~taken
-        idx = np.argwhere(pick)
-        if len(idx):
-            out.append((1 << level, idx))
+        flat = np.flatnonzero(pick)  # flat indices: much faster than a 3-D nonzero
+        if len(flat):
+            out.append((1 << level, np.unravel_index(flat, pick.shape)))
             taken |= pick
     return out, taken[:, :ny, :nx]
 
@@ -300,7 +300,7 @@ def _sample_axial(vox: Voxelisation, dose: DoseGrid, *, block_mm: float | None =
     zc_g = np.add.reduceat(vox.z_mm * vox.thickness_mm, starts) / t_g if n_groups else empty
     b_dose, b_weight, b_width = [], [], []
     for side, idx in blocks:
-        gi, by, bx = idx[:, 0], idx[:, 1], idx[:, 2]
+        gi, by, bx = idx
         h = side * d_mm
         x = lat.x0_mm + (bx * side + (side - 1) / 2) * d_mm
         y = lat.y0_mm + (by * side + (side - 1) / 2) * d_mm
@@ -317,7 +317,7 @@ def _sample_axial(vox: Voxelisation, dose: DoseGrid, *, block_mm: float | None =
 
     # -- boundary band: fine lattice, per slab
     fine = (cov_all > 0) & ~(taken if n_groups == len(group) else taken[group])
-    ks, ys, xs = np.nonzero(fine)
+    ks, ys, xs = np.unravel_index(np.flatnonzero(fine), fine.shape)
     cov = cov_all[ks, ys, xs].astype(np.float64)
     weight = cov * (pix * vox.thickness_mm)[ks]
     keep = valid[ks] & in_y[ys] & in_x[xs]
