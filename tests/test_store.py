@@ -344,3 +344,26 @@ def test_a_reference_sequence_encoded_as_un_falls_back_to_pydicom(tmp_path, rt_d
     result = store.import_file(tmp_path / "un.dcm")
     assert (RefKind.RTSTRUCT, referenced) in result.description.references
     store.close()
+
+
+def test_a_transaction_waits_for_another_connection_holding_the_write_lock(tmp_path):
+    import sqlite3
+    import threading
+    import time
+
+    from rtqa_node.store.index import Index
+
+    index = Index(tmp_path / "index.sqlite")
+    other = sqlite3.connect(tmp_path / "index.sqlite", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    releaser = threading.Timer(0.05, lambda: other.execute("COMMIT"))
+    releaser.start()
+    start = time.monotonic()
+    with index.transaction(durable=False) as conn:
+        conn.execute("PRAGMA user_version")
+    waited = time.monotonic() - start
+    releaser.join()
+    assert 0.04 < waited < 1.0
+    assert index.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
+    other.close()
+    index.close()
