@@ -398,11 +398,19 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
         stencil = np.arange(lo_k, hi_k + 1)
         a_lo, a_hi = float(area[stencil].min()), float(area[stencil].max())
         s_min = np.minimum(s0, s1)
-        union_cov = np.clip(0.5 - s_min / d, 0.0, 1.0)
+        ds = s1 - s0
+        union: list[np.ndarray] = []  # the union's coverage, made when a growing level first needs it
+
+        def union_cov() -> np.ndarray:
+            if not union:
+                union.append(np.clip(np.float32(0.5) - s_min * np.float32(1.0 / d), 0.0, 1.0))
+            return union[0]
+
+        full_window = (r0, c0) == (0, 0) and (r1, c1) == cov[k].shape
         for i in range(nz):
             frac = (i + 0.5) / nz
             z = zs[k] + frac * h
-            s = (1.0 - frac) * s0 + frac * s1
+            s = s0 + np.float32(frac) * ds
             level = 0.0
             if settings.interpolation == Interpolation.SMOOTH and len(stencil) >= 3:
                 w = _cubic_weights(zs[stencil], z)
@@ -411,12 +419,15 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
                 else:
                     target = float(np.dot(w, area[stencil]))
                 target = min(max(target, a_lo), a_hi)
-                s = np.maximum(s, s_min)  # solve the level on the field capped by the two planes' union
+                np.maximum(s, s_min, out=s)  # solve the level on the field capped by the two planes' union
                 level, c = _coverage_for_area(s, target, d, union_cov)
             else:
-                c = np.clip(0.5 - s / d, 0.0, 1.0)
-            full = np.zeros(cov[k].shape, dtype=np.float32)
-            full[win] = c
+                c = np.clip(0.5 - s / d, 0.0, 1.0).astype(np.float32, copy=False)
+            if full_window:
+                full = c
+            else:
+                full = np.zeros(cov[k].shape, dtype=np.float32)
+                full[win] = c
             slabs_z.append(z)
             slabs_t.append(t_slab)
             slabs_c.append(full)
@@ -442,10 +453,10 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
     )
 
 
-def _coverage_for_area(s: np.ndarray, target_mm2: float, delta_mm: float, cap: np.ndarray,
+def _coverage_for_area(s: np.ndarray, target_mm2: float, delta_mm: float, cap_of,
                        iterations: int = 3) -> tuple[float, np.ndarray]:
     """The iso-level L and coverage c = clip(0.5 - (s - L)/delta, 0, 1) (never above ``cap`` where L > 0: a
-    growing level never passes the two planes' union) whose area is ``target_mm2``.
+    growing level never passes the two planes' union, ``cap_of()``) whose area is ``target_mm2``.
 
     Starts from the level at which round(target / pixel) pixel centres lie inside, then Newton steps on the
     area, which is piecewise linear in L (slope: delta per pixel on the coverage ramp), a secant step once a
@@ -460,6 +471,7 @@ def _coverage_for_area(s: np.ndarray, target_mm2: float, delta_mm: float, cap: n
         u = (np.float32(level) - s) * scale + np.float32(0.5)  # coverage before clipping
         c = np.clip(u, 0.0, 1.0, out=u)
         if level > 0:
+            cap = cap_of()
             np.minimum(c, cap, out=c)
         if i == iterations:
             break
@@ -468,7 +480,7 @@ def _coverage_for_area(s: np.ndarray, target_mm2: float, delta_mm: float, cap: n
             break
         if prev is None or (prev[1] > 0) == (err > 0):
             # Newton: the slope is delta per pixel on the ramp (pixels the cap holds are not on it)
-            ramp = (c > 0) & (c < 1) if level <= 0 else (c > 0) & (c < np.minimum(cap, 1.0))
+            ramp = (c > 0) & (c < 1) if level <= 0 else (c > 0) & (c < cap)
             n = int(np.count_nonzero(ramp))
             if n == 0:
                 break
