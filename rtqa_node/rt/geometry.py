@@ -32,7 +32,7 @@ Conventions (docs/architecture.md, "Review data: RT geometry and DVH"):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import numpy as np
@@ -57,8 +57,10 @@ class RasterSettings:
     """How finely and by which conventions a structure is rasterised.
 
     ``max_lattice_samples`` bounds nx*ny*nz per structure (memory and time); ``min_samples_across`` asks for at
-    least that many lattice pixels across the structure's smaller in-plane extent; the lattice is never coarser
-    than the reference grid and at most ``max_subdivision`` times finer.
+    least that many lattice pixels across the structure's smaller in-plane extent; the lattice is at most
+    ``max_subdivision`` times finer than the reference grid, and for a structure with twice that many grid voxels
+    across it (a BODY) up to ``max_coarsening`` times coarser (whole voxels per pixel; the DVH only:
+    :func:`rasterise_to_grid` never coarsens).
     """
 
     end_cap: EndCap = EndCap.HALF_SLICE
@@ -68,6 +70,7 @@ class RasterSettings:
     max_subdivision: int = 16
     max_lattice_samples: int = 3_000_000
     max_slabs_per_gap: int = 4
+    max_coarsening: int = 4
 
     def __post_init__(self) -> None:
         if self.row_samples < 1:
@@ -76,6 +79,8 @@ class RasterSettings:
             raise ValueError("max_subdivision, min_samples_across must be >= 1 and max_lattice_samples >= 1000")
         if self.max_slabs_per_gap < 1:
             raise ValueError(f"max_slabs_per_gap must be >= 1, got {self.max_slabs_per_gap}")
+        if self.max_coarsening < 1:
+            raise ValueError(f"max_coarsening must be >= 1, got {self.max_coarsening}")
 
 
 @dataclass(frozen=True)
@@ -260,7 +265,13 @@ def _choose_lattice(planes, reference: GridGeometry | None, settings: RasterSett
         if m == 1 or nx * ny * n_z_for(delta) <= settings.max_lattice_samples:
             break
         m -= 1
+    if m == 1 and settings.max_coarsening > 1:
+        # a structure so large that pixels k grid voxels wide still put min_samples_across of them across it
+        k = min(settings.max_coarsening, int(float(extent.min()) / base // settings.min_samples_across))
+        if k >= 2:
+            delta = base * k
     # align pixel centres to the reference grid subdivided m times, so that m x m lattice pixels make one voxel
+    # (or, coarsened, so that one pixel spans k x k voxels)
     sub0x = gx0 - base / 2 + delta / 2
     sub0y = gy0 - base / 2 + delta / 2
     x0 = sub0x + math.floor((lo[0] - 2 * delta - sub0x) / delta) * delta
@@ -512,7 +523,7 @@ def rasterise_to_grid(structure: Structure, grid: GridGeometry,
     """
     if not grid.is_axial:
         raise ValueError("rasterise_to_grid supports axial grids (identity orientation) only")
-    vox = voxelise(structure, grid, settings)
+    vox = voxelise(structure, grid, replace(settings, max_coarsening=1))  # binning needs m x m pixels a voxel
     lat = vox.lattice
     sx, sy = grid.spacing_mm[0], grid.spacing_mm[1]
     nf, nr, nc = grid.shape
