@@ -367,3 +367,13 @@ def test_a_transaction_waits_for_another_connection_holding_the_write_lock(tmp_p
     assert index.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
     other.close()
     index.close()
+
+
+def test_an_object_directory_removed_behind_the_store_is_made_again(tmp_path, rt_data):
+    store = Store(tmp_path / "data")
+    first, second = dicom_files(rt_data / "eclipse-breast-boost-dicompyler")[:2]
+    stored = store.import_file(first)
+    shutil.rmtree(stored.path.parent)
+    again = store.import_file(second)
+    assert again.path.parent == stored.path.parent and again.path.exists()
+    store.close()

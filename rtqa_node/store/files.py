@@ -52,24 +52,36 @@ def make_dirs_durable(path: Path, *, root: Path) -> None:
         fsync_dir(directory.parent)
 
 
-def publish(temp_path: Path, final_path: Path, *, root: Path) -> None:
+def publish(temp_path: Path | str, final_path: Path | str, *, root: Path, known_dirs: set[str] | None = None) -> None:
     """Atomically move a fully written, fsync'd file into place, then make the new entry durable.
 
     If ``temp_path`` is on another file system (rename gives EXDEV) the data are copied into a temporary
-    file beside ``final_path`` first, so the visible file still appears atomically.
+    file beside ``final_path`` first, so the visible file still appears atomically. ``known_dirs``: directories
+    already created durably by an earlier call (a cache the caller keeps; one that vanished is made again).
     """
-    make_dirs_durable(final_path.parent, root=root)
+    final_path = os.fspath(final_path)
+    parent = os.path.dirname(final_path)
+    if known_dirs is None or parent not in known_dirs:
+        make_dirs_durable(Path(parent), root=root)
+        if known_dirs is not None:
+            known_dirs.add(parent)
     try:
+        os.rename(temp_path, final_path)
+    except FileNotFoundError:
+        if known_dirs is None or parent not in known_dirs or not os.path.exists(temp_path):
+            raise
+        known_dirs.discard(parent)  # removed behind our back: create it again
+        make_dirs_durable(Path(parent), root=root)
         os.rename(temp_path, final_path)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        staging = final_path.with_name(final_path.name + ".partial")
+        staging = final_path + ".partial"
         shutil.copyfile(temp_path, staging)
         fsync_file(staging)
         os.rename(staging, final_path)
         os.unlink(temp_path)
-    fsync_dir(final_path.parent)
+    fsync_dir(parent)
 
 
 def sha256_of(path: Path, *, offset: int = 0) -> str:

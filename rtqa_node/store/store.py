@@ -27,6 +27,7 @@ import dataclasses
 import enum
 from concurrent import futures
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -132,6 +133,7 @@ class RecoveryReport:
     orphans_removed: int
 
 
+@functools.lru_cache(maxsize=4096)
 def _hash_name(value: str, length: int) -> str:
     return hashlib.sha256(value.encode("ascii")).hexdigest()[:length]
 
@@ -171,6 +173,9 @@ class Store:
         #: serialises lookup -> rename -> insert of this store's ingests (the index's lock is held only for
         #: the short transactions, so that other connections' commits never wait for our fsyncs and vice versa)
         self._publish_lock = threading.Lock()
+        self._data_dir_str = os.fspath(self.data_dir)
+        #: object directories created (durably) by this store: no stat per ingest
+        self._known_dirs: set[str] = set()
         #: fsyncs received files while the ingesting thread walks them
         self._syncer = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-fsync")
 
@@ -304,13 +309,13 @@ class Store:
         with self._publish_lock:
             existing = self.index.query(self._FIND, key)
             rel_path = self.relative_path(description, stored.content_sha256)
-            final_path = self.data_dir / rel_path
+            final_path = os.path.join(self._data_dir_str, rel_path)
             if not existing:
                 # The rename and the directory fsync happen outside any SQLite transaction: the assembler's and
                 # the workers' connections never wait for them. Same content gives the same path, so a racing
                 # writer in another process can only replace the file with identical bytes.
                 try:
-                    files.publish(temp_path, final_path, root=self.objects_dir)
+                    files.publish(temp_path, final_path, root=self.objects_dir, known_dirs=self._known_dirs)
                 except OSError as exc:
                     raise self._write_refusal(exc) from exc
             with self.index.transaction(durable=durable) as conn:
@@ -327,7 +332,7 @@ class Store:
                         instance_id = self._insert(conn, description, arrival, stored, version, rel_path,
                                                    received_at_s)
                     except BaseException:
-                        final_path.unlink(missing_ok=True)
+                        _unlink_quietly(final_path)
                         raise
         self._log_ingest(outcome, description, arrival, version, stored.size_bytes)
         return IngestResult(outcome, instance_id, version, self.data_dir / rel_path, description)
@@ -467,6 +472,13 @@ class Store:
             (latest,) = conn.execute(self._LATEST, (description.sop_instance_uid,)).fetchone()
             self._insert(conn, description, arrival, stored, (latest or 0) + 1, rel, received_at_s)
         return True
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _arrival_record(arrival: Arrival, received_at_s: float) -> bytes:
