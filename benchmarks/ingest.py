@@ -1,6 +1,6 @@
 """Ingest throughput: the same plan study sent with DCMTK storescu to rtqa, DCMTK storescp and Orthanc, in one run.
 
-    .venv/bin/python benchmarks/ingest.py [--repeats 5] [--slices 200]
+    .venv/bin/python benchmarks/ingest.py [--repeats 5] [--slices 200] [--baseline GIT_REF] [--no-polling]
 
 Data: the Weasis CT of the Eclipse breast-boost chain ($RTQA_TEST_DATA, default ../shared/data/rt), decoded to
 explicit VR little endian and extended to ``--slices`` 512x512 slices (extra slices are copies with new UIDs and
@@ -9,6 +9,9 @@ storescu sends everything in one association with TCP_NODELAY=1 (PEERS.md). Prin
 (medians), the ratios rtqa/storescp and rtqa/orthanc, and the machine. rtqa is measured as configured by
 default (event-driven reactor wake-ups, ``rtqa_node/dicom/wakeup.py``) and with pynetdicom's polling reactors
 (its own 1 ms, and 0.2 ms), to show what the wake-ups buy.
+``--baseline REF`` also runs the ``rtqa_node`` of another commit (``git archive``) interleaved with the others,
+so that a change is judged by ratios from one run on this shared, noisy machine; ``--no-polling`` leaves out
+the two polling runs.
 With ``--profile`` one more rtqa run is sampled with py-spy (``pip install -e '.[bench]'``; wall clock, idle
 included) and the time of the thread that serves the association is broken down by function: cProfile would
 see only the main thread, which does nothing while the SCP's threads work.
@@ -269,7 +272,8 @@ def main() -> int:
 
 def profile_association_thread(tmp: Path, data: Path, objects: int, top: int = 30) -> None:
     """Sample a node with py-spy while storescu sends; print inclusive wall time per function for the thread
-    that serves the association (pynetdicom's ``Association.run_reactor``)."""
+    that serves the association (pynetdicom's ``Association.run_reactor``) and for its DUL thread
+    (``DULServiceProvider.run_reactor``), which receives every PDU before the association thread sees it."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         print("\n--profile: py-spy not installed (pip install -e '.[bench]')")
@@ -286,19 +290,22 @@ def profile_association_thread(tmp: Path, data: Path, objects: int, top: int = 3
     spy.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
     spy.wait(60)
     receiver.stop()
-    inclusive: dict[str, int] = {}
-    total = 0
+    threads = {"association": "Association.run_reactor", "DUL": "DULServiceProvider.run_reactor"}
+    inclusive: dict[str, dict[str, int]] = {name: {} for name in threads}
+    totals = dict.fromkeys(threads, 0)
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = [f.split(" (")[0] for f in stack.split(";")]
-        if "Association.run_reactor" not in frames:
-            continue
-        total += int(count)
-        for name in set(frames):
-            inclusive[name] = inclusive.get(name, 0) + int(count)
-    print(f"\nwhere the association thread's time goes (py-spy, wall clock incl. waits, {total} samples of 1 ms):")
-    for name, count in sorted(inclusive.items(), key=lambda item: -item[1])[:top]:
-        print(f"  {100 * count / max(total, 1):5.1f} %  {name}")
+        for thread, root in threads.items():
+            if root in frames:
+                totals[thread] += int(count)
+                for name in set(frames):
+                    inclusive[thread][name] = inclusive[thread].get(name, 0) + int(count)
+    for thread, limit in (("association", top), ("DUL", top // 2)):
+        total = totals[thread]
+        print(f"\nwhere the {thread} thread's time goes (py-spy, wall clock incl. waits, {total} samples of 1 ms):")
+        for name, count in sorted(inclusive[thread].items(), key=lambda item: -item[1])[:limit]:
+            print(f"  {100 * count / max(total, 1):5.1f} %  {name}")
 
 
 if __name__ == "__main__":
