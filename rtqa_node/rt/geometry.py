@@ -246,7 +246,8 @@ def signed_distance(coverage: np.ndarray, delta_mm: float) -> np.ndarray:
 
 
 def _choose_lattice(planes, reference: GridGeometry | None, settings: RasterSettings,
-                    n_z_for) -> tuple[Lattice, int]:
+                    n_z_for) -> tuple[Lattice, int, int]:
+    """(lattice, subdivision m, coarsening k): pixels of base / m, or of k x base for a coarsened structure."""
     xy = np.concatenate([np.concatenate(polys) for _, polys in planes])
     lo, hi = xy.min(axis=0), xy.max(axis=0)
     extent = np.maximum(hi - lo, 1e-3)
@@ -265,11 +266,11 @@ def _choose_lattice(planes, reference: GridGeometry | None, settings: RasterSett
         if m == 1 or nx * ny * n_z_for(delta) <= settings.max_lattice_samples:
             break
         m -= 1
+    k = 1
     if m == 1 and settings.max_coarsening > 1:
         # a structure so large that pixels k grid voxels wide still put min_samples_across of them across it
-        k = min(settings.max_coarsening, int(float(extent.min()) / base // settings.min_samples_across))
-        if k >= 2:
-            delta = base * k
+        k = max(1, min(settings.max_coarsening, int(float(extent.min()) / base // settings.min_samples_across)))
+        delta = base * k
     # align pixel centres to the reference grid subdivided m times, so that m x m lattice pixels make one voxel
     # (or, coarsened, so that one pixel spans k x k voxels)
     sub0x = gx0 - base / 2 + delta / 2
@@ -278,7 +279,7 @@ def _choose_lattice(planes, reference: GridGeometry | None, settings: RasterSett
     y0 = sub0y + math.floor((lo[1] - 2 * delta - sub0y) / delta) * delta
     nx = int(math.ceil((hi[0] + 2 * delta - x0) / delta)) + 1
     ny = int(math.ceil((hi[1] + 2 * delta - y0) / delta)) + 1
-    return Lattice(x0, y0, delta, nx, ny), m
+    return Lattice(x0, y0, delta, nx, ny), m, k
 
 
 def _plane_boxes(cov: np.ndarray):
@@ -351,10 +352,12 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
         cap = typical_gap if settings.end_cap == EndCap.HALF_SLICE else 0.0
         return int(math.ceil((zs[-1] - zs[0] + cap) / step_for(delta))) + len(planes)
 
-    lattice, _ = _choose_lattice(planes, reference, settings, n_z_for)
+    lattice, _, coarsening = _choose_lattice(planes, reference, settings, n_z_for)
     step = step_for(lattice.delta_mm)
     d = lattice.delta_mm
-    cov = rasterise_planes([polys for _, polys in planes], lattice, settings.row_samples)
+    # a coarsened lattice keeps the grid's scanline density: the coverage across x is exact, along y it is
+    # sampled, and an edge along x (a box's face) is off by up to half a scanline spacing
+    cov = rasterise_planes([polys for _, polys in planes], lattice, settings.row_samples * coarsening)
     area = cov.sum(axis=(1, 2), dtype=np.float64) * d * d
     boxes, extent, degenerate = _plane_boxes(cov)
     line_end = _line_like_degenerate(extent, degenerate)
