@@ -232,11 +232,11 @@ class Index:
                     self.conn.execute("PRAGMA synchronous=FULL")
 
     #: waits between attempts to take the write lock (s); the last one repeats until ``BUSY_TIMEOUT_S``
-    _BEGIN_WAITS_S = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005)
+    _BEGIN_WAITS_S = (0.0001, 0.0002, 0.0005, 0.001)
     BUSY_TIMEOUT_S = 30.0
 
     def _begin_immediate(self) -> None:
-        """``BEGIN IMMEDIATE``, polling for the write lock every 0.1-5 ms. SQLite's own busy handler sleeps 1, 2,
+        """``BEGIN IMMEDIATE``, polling for the write lock every 0.1-1 ms. SQLite's own busy handler sleeps 1, 2,
         5, 10 ... ms, while another connection holds the lock for a fraction of a millisecond (a commit): an
         ingest waited milliseconds for the assembler's commits (``benchmarks/ingest.py --profile``)."""
         conn = self.conn
