@@ -248,14 +248,23 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from rtqa_node.ml.train import TrainConfig, train, write_model_card
+    from rtqa_node.ml.train import WEIGHTS_NAME, TrainConfig, TrainedModel, train, write_model_card
 
     cohort, data = _cohort(args)
-    out = []
+    out, trained = [], {}
     for kind in args.model or ["tabular", "tabular_mean", "spatial", "fused"]:
+        init = {}
+        for k in ("tabular", "spatial") if kind == "fused" else ():
+            if k in trained:
+                init[k] = trained[k]
+            elif (args.out / k / WEIGHTS_NAME).exists():  # trained earlier into --out: same cohort only
+                earlier = TrainedModel.load(args.out / k)
+                if earlier.record.get("data") == data:
+                    init[k] = earlier
         model = train(cohort, TrainConfig(model=kind, epochs=args.epochs, patience=args.patience,
                                           attention_entropy_weight=args.entropy_weight, seed=args.train_seed,
-                                          threads=args.threads), name=kind)
+                                          threads=args.threads), name=kind, init=init)
+        trained[kind] = model
         model.record["data"] = data
         model.save(args.out / kind)
         write_model_card(model, args.out / kind)

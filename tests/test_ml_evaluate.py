@@ -57,3 +57,23 @@ def test_evaluation_on_a_small_cohort_lists_every_model_and_baseline_and_every_c
         assert (tmp_path / "report" / f).stat().st_size > 0
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| fused |" in text and "pairwise kappa" in text
+
+
+def test_fused_model_starts_from_the_unimodal_encoders():
+    from rtqa_node.ml.dataset import simulate_cohort
+    from rtqa_node.ml.train import TrainConfig, train
+
+    cohort = simulate_cohort(patients=6, seed=22, sites=2)
+    config = dict(epochs=1, batch_size=4, val_fraction=0.4)
+    unimodal = {k: train(cohort, TrainConfig(model=k, **config), name=k) for k in ("tabular", "spatial")}
+    # learning rate 0: the fused encoders keep exactly the weights they started from
+    fused = train(cohort, TrainConfig(model="fused", learning_rate=0.0, **config), name="fused", init=unimodal)
+    assert fused.record["initialised_from"] == ["tabular", "spatial"]
+    for k, trained in unimodal.items():
+        start, now = trained.module.encoder.state_dict(), getattr(fused.module, k).state_dict()
+        assert start.keys() == now.keys() and all(torch.equal(start[n], now[n]) for n in start)
+    scratch = train(cohort, TrainConfig(model="fused", learning_rate=0.0, **config), name="fused")
+    assert scratch.record["initialised_from"] == []
+    assert not torch.equal(scratch.module.spatial.where[0].weight, unimodal["spatial"].module.encoder.where[0].weight)
+    with pytest.raises(ValueError, match="split seed"):
+        train(cohort, TrainConfig(model="fused", seed=5, **config), init=unimodal)

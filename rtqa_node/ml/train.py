@@ -194,16 +194,29 @@ def _progress(text: str) -> None:
 
 
 def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
-          device: torch.device | None = None) -> TrainedModel:
+          device: torch.device | None = None, init: dict[str, TrainedModel] | None = None) -> TrainedModel:
     """Train on a patient-level split of ``cohort``; early stopping on validation loss; temperatures on the
-    validation patients. Deterministic for a seed on one thread (CPU)."""
+    validation patients. Deterministic for a seed on one thread (CPU).
+
+    init: for the fused model, trained ``"tabular"`` and/or ``"spatial"`` models (same split seed) whose
+    encoders start the fused model's. Trained jointly from scratch, the tabular encoder fits within a few
+    epochs while the spatial attention is still looking for its region, and early stopping ends training
+    before the spatial branch has learned anything; starting from both unimodal encoders avoids that.
+    """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
         train_idx, val_idx = split(len(cohort), val_fraction=config.val_fraction, seed=config.seed)
-        model = build_model(config).to(device)
+        model = build_model(config)
+        initialised = []
+        for kind, trained in (init or {}).items() if config.model == "fused" else ():
+            if trained.config.seed != config.seed:
+                raise ValueError(f"init model {kind} used split seed {trained.config.seed}, not {config.seed}")
+            getattr(model, kind).load_state_dict(trained.module.encoder.state_dict())
+            initialised.append(kind)
+        model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         soft = torch.as_tensor(cohort.verdict_soft, device=device)
         events = torch.as_tensor(cohort.events, device=device)
@@ -251,7 +264,7 @@ def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
         record = {"train_patients": len(train_idx), "val_patients": len(val_idx),
                   "best_epoch": best_epoch, "best_val_loss": round(best, 4), "epochs_run": len(history),
                   "train_time_s": round(elapsed, 1), "device": str(device), "threads": config.threads,
-                  "history": history}
+                  "initialised_from": initialised, "history": history}
         log.info("ml_trained", extra={"model": name or config.model, "best_epoch": best_epoch,
                                       "val_loss": round(best, 4), "elapsed_s": round(elapsed, 1)})
         if sys.stderr.isatty():
