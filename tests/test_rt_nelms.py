@@ -31,13 +31,13 @@ TEST1_BOUND_PCT = {"volume_cc": 0.6, "dmin_gy": 0.05, "dmax_gy": 0.05, "dmean_gy
 # Test 2, 1 mm contours: everything well inside the paper's 3 %.
 TEST2_1MM_BOUND_PCT = {"volume_cc": 0.5, "dmin_gy": 0.05, "dmax_gy": 0.05, "dmean_gy": 0.8, "d99_gy": 1.0,
                        "d95_gy": 1.0, "d5_gy": 0.6, "d1_gy": 1.0, "d0_03cc_gy": 0.8}
-# Test 2, 1-3 mm contours: RtCone (a cone lying across the planes, apex at y = +6 mm on the plane z = 6 mm) at
-# 3 mm spacing, AP gradient, D99. Its coldest 1 % is the 36 mm^3 tip (y > 0.8 mm), a cone 2.6 mm in radius
-# around that one plane; the planes 3 mm on either side do not reach it, so the contours do not determine the
-# tip's shape between planes, and shape-based interpolation (in-plane distances) retreats the tip faster than
-# the true circular cone does: +4.7 %. Bounded here at what is achieved; every other metric and row (D95 of
-# that row +1.6 %; RtCylinder, whose line-like end contours are interpolated as lines) is held to the paper's 3 %.
-KNOWN_HARD = {("RtCone", "d99_gy"): 5.3}
+# Test 2, 2-3 mm contours: the paper's 3 % for every row and metric. The last to get there was RtCone (a cone
+# lying across the planes, apex at y = +6 mm on the plane z = 6 mm through its axis) at 3 mm, AP gradient, D99:
+# its coldest 1 % is the 36 mm^3 tip (y > 0.8 mm) around that one plane, which the planes 3 mm either side do not
+# reach. Plain distance interpolation retreated that tip too early (+4.7 %); the peak-plane tangent (the plane
+# through the axis is the widest and contains both neighbours, so the contour leaves it with zero speed in z and
+# the distance blend is quadratic in z away from it; RasterSettings.peak_tangent) gives -0.02 % (D95 +1.5 ->
+# +0.2 %, Dmean +0.18 -> +0.01 %; 2 mm D99 +2.3 -> +0.5 %; test_rtcone_tip_needs_the_peak_plane_tangent).
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,6 @@ def test_nelms_every_row_within_paper_tolerance_or_tighter(nelms_results, record
                 bound = TEST1_BOUND_PCT[ref]
             elif spacing <= 1.0:
                 bound = TEST2_1MM_BOUND_PCT[ref]
-            elif (r["shape"], ref) in KNOWN_HARD:
-                bound = KNOWN_HARD[(r["shape"], ref)]
             else:
                 bound = PAPER_TOLERANCE_PCT
             if abs(errors[ref]) > bound:
@@ -99,7 +97,21 @@ def test_nelms_overall_mean_error_is_small(nelms_results):
     mean = dict(zip([ref for ref, _ in METRICS], errs.mean(axis=0)))
     assert mean["volume_cc"] < 0.15 and mean["dmean_gy"] < 0.03
     assert mean["dmin_gy"] < 0.05 and mean["dmax_gy"] < 0.05
-    assert max(mean["d99_gy"], mean["d95_gy"]) < 0.55
+    assert max(mean["d99_gy"], mean["d95_gy"]) < 0.4
     assert max(mean["d5_gy"], mean["d1_gy"], mean["d0_03cc_gy"]) < 0.1
-    # 718 of 720 (row, metric) values meet the paper's 3 % criterion; the rest are the known hard rows
-    assert (errs <= PAPER_TOLERANCE_PCT).mean() > 0.997
+    # all 720 (row, metric) values meet the paper's 3 % criterion
+    assert (errs <= PAPER_TOLERANCE_PCT).all()
+
+
+def test_rtcone_tip_needs_the_peak_plane_tangent(rt_data):
+    """RtCone 3 mm, AP gradient, D99 (analytic 9.17 Gy): within 3 % with the peak-plane tangent (default),
+    +4.7 % with plain linear distance blending between the plane through the cone's axis and its neighbours."""
+    root = rt_data / "dvh-analytic"
+    dose = read_dose(pydicom.dcmread(root / "dose/Linear_AntPost_3mm_Aligned.dcm"), Path("ap3"))
+    structure = read_structure_set(pydicom.dcmread(root / "structures/3mm/RtCone_30_0.dcm"),
+                                   Path("rtcone30")).by_number(2)
+    errors = {}
+    for peak in (True, False):
+        settings = RasterSettings(end_cap=EndCap.HALF_SLICE, peak_tangent=peak)
+        errors[peak] = (structure_dvh(structure, dose, settings).metrics.d99_gy / 9.17 - 1.0) * 100.0
+    assert abs(errors[True]) < 0.5 and errors[False] > 4.0, errors

@@ -21,6 +21,13 @@ Conventions (docs/architecture.md, "Review data: RT geometry and DVH"):
   stays a point, a line a line), and the shapes beside it shrink onto that trace. Where the trace is a line at
   least half as long as the next plane's shape is wide, the surface touches the plane along a line and the width
   grows as sqrt(distance): the cubic then runs through the squared areas (exact for a circular cylinder).
+- **Peak planes** (``RasterSettings.peak_tangent``, SMOOTH only). A plane whose shape is larger than both
+  neighbours' and contains both (their coverage outside it < 1e-4 of their area) is where the solid is widest; a
+  smooth surface is parallel to z there, so the contour leaves that plane with zero speed and the signed-distance
+  blend toward a neighbour is quadratic in z, ``(dz/h)^2``, instead of linear (the cubic area target is
+  unchanged). Without it the tip of a cone lying across the planes, reached only by the plane through its axis,
+  retreated too early (Nelms RtCone 3 mm AP D99 +4.7 %, with it -0.02 %). Contours that cross (noisy clinical
+  planes) are never peaks.
 - **End caps** (:class:`EndCap`): ``HALF_SLICE`` (default) extrudes the first and last contour plane outward by
   half the local contour spacing (the Nelms et al. 2015 analytic reference and Pinnacle do this); ``NONE`` ends the
   structure at its first and last planes (Eclipse). A shape that ends inside the structure (a plane with no
@@ -60,7 +67,8 @@ class RasterSettings:
     least that many lattice pixels across the structure's smaller in-plane extent; the lattice is at most
     ``max_subdivision`` times finer than the reference grid, and for a structure with twice that many grid voxels
     across it (a BODY) up to ``max_coarsening`` times coarser (whole voxels per pixel; the DVH only:
-    :func:`rasterise_to_grid` never coarsens).
+    :func:`rasterise_to_grid` never coarsens). ``peak_tangent``: blend distances quadratically away from a peak
+    plane (widest, containing both neighbours; see the module docstring).
     """
 
     end_cap: EndCap = EndCap.HALF_SLICE
@@ -71,6 +79,7 @@ class RasterSettings:
     max_lattice_samples: int = 3_000_000
     max_slabs_per_gap: int = 4
     max_coarsening: int = 4
+    peak_tangent: bool = True
 
     def __post_init__(self) -> None:
         if self.row_samples < 1:
@@ -315,6 +324,36 @@ def _line_like_degenerate(extent: np.ndarray, degenerate: np.ndarray) -> np.ndar
     return out
 
 
+def _peak_planes(cov: np.ndarray, area: np.ndarray, boxes, zs: np.ndarray, typical_gap: float) -> np.ndarray:
+    """Per plane: it has connected planes on both sides, its area exceeds both of theirs, and it contains both
+    of their shapes (their coverage outside it below 1e-4 of their area; contained shapes have a pixelwise
+    smaller coverage, as the coverage is the exact inside length): the solid is widest at (about) this plane."""
+    n = len(area)
+    out = np.zeros(n, dtype=bool)
+    connected = np.diff(zs) <= 1.5 * typical_gap + 1e-6
+    for k in range(1, n - 1):
+        if not (connected[k - 1] and connected[k] and area[k] > area[k - 1] and area[k] > area[k + 1]):
+            continue
+        out[k] = True
+        for j in (k - 1, k + 1):
+            r0, r1, c0, c1 = _union_box(boxes[j], boxes[k], 0, cov[k].shape)
+            outside = float(np.clip(cov[j, r0:r1, c0:c1] - cov[k, r0:r1, c0:c1], 0.0, 1.0).sum(dtype=np.float64))
+            if outside > 1e-4 * float(cov[j].sum(dtype=np.float64)):
+                out[k] = False
+                break
+    return out
+
+
+def _blend(frac: float, peak_lo: bool, peak_hi: bool) -> float:
+    """Weight of the upper plane's signed distance at ``frac`` of the gap: linear, or quadratic away from a
+    peak plane (the contour leaves it with zero speed). Two neighbouring planes cannot both be peaks."""
+    if peak_lo:
+        return frac * frac
+    if peak_hi:
+        return 1.0 - (1.0 - frac) ** 2
+    return frac
+
+
 def _cubic_weights(zs: np.ndarray, z: float) -> np.ndarray:
     """Lagrange weights of the nodes ``zs`` at ``z``."""
     w = np.ones(len(zs))
@@ -361,6 +400,10 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
     area = cov.sum(axis=(1, 2), dtype=np.float64) * d * d
     boxes, extent, degenerate = _plane_boxes(cov)
     line_end = _line_like_degenerate(extent, degenerate)
+    # a peak plane (widest, containing both neighbours): the contour leaves it with zero speed in z (SMOOTH only)
+    peak = (_peak_planes(cov, area, boxes, zs, typical_gap)
+            if settings.peak_tangent and settings.interpolation == Interpolation.SMOOTH
+            else np.zeros(len(area), dtype=bool))
     sdf = (signed_distances(cov, d) if settings.interpolation != Interpolation.SLAB
            else [None] * len(cov))
 
@@ -424,7 +467,7 @@ def voxelise(structure: Structure, reference: GridGeometry | None = None,
         for i in range(nz):
             frac = (i + 0.5) / nz
             z = zs[k] + frac * h
-            s = s0 + np.float32(frac) * ds
+            s = s0 + np.float32(_blend(frac, bool(peak[k]), bool(peak[k + 1]))) * ds
             level = 0.0
             if settings.interpolation == Interpolation.SMOOTH and len(stencil) >= 3:
                 w = _cubic_weights(zs[stencil], z)
