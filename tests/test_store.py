@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import dicom_files
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from conftest import dicom_files
 from rtqa_node.store import Arrival, Outcome, Refusal, Store, StoreRefused
 from rtqa_node.store.describe import (
     IMAGE_TAGS,

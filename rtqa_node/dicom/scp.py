@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -34,8 +34,8 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 
 from rtqa_node.config import Settings
-from rtqa_node.dicom.statuses import Status, status_dataset, status_for
 from rtqa_node.dicom import fastpath, wakeup
+from rtqa_node.dicom.statuses import Status, status_dataset, status_for
 from rtqa_node.dicom.tls import server_context
 from rtqa_node.log import uid_ref
 from rtqa_node.store import Arrival, Store, StoreRefused
@@ -90,7 +90,7 @@ class AccessPolicy:
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "AccessPolicy":
+    def from_settings(cls, settings: Settings) -> AccessPolicy:
         return cls(
             frozenset(settings.allowed_calling_aes),
             tuple(ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks),

@@ -167,7 +167,7 @@ def _name(tag: int) -> str:
 
 
 class _Walker:
-    def __init__(self, buf: bytes | memoryview, *, explicit: bool, little: bool, parent: "_Walker | None" = None,
+    def __init__(self, buf: bytes | memoryview, *, explicit: bool, little: bool, parent: _Walker | None = None,
                  capture: frozenset[int] = frozenset()) -> None:
         self.buf = buf
         self.explicit = explicit

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from concurrent import futures
 import errno
 import functools
 import hashlib
@@ -37,14 +36,15 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pydicom
 from pydicom import config as pydicom_config
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ImplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian
 
 from rtqa_node.errors import RtqaError
 from rtqa_node.log import uid_ref
@@ -152,7 +152,7 @@ class Store:
         max_object_bytes: int = 2 * 1024**3,
         min_free_bytes: int = 0,
         index: Index | None = None,
-        on_stored: Callable[["IngestResult"], None] | None = None,
+        on_stored: Callable[[IngestResult], None] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.objects_dir = self.data_dir / "objects"
@@ -300,7 +300,7 @@ class Store:
     _LATEST = "SELECT MAX(version) FROM instances WHERE sop_instance_uid = ?"
 
     def _publish(
-        self, temp_path: Path, arrival: Arrival, description: ObjectDescription, stored: "_Encoded",
+        self, temp_path: Path, arrival: Arrival, description: ObjectDescription, stored: _Encoded,
         received_at_s: float,
     ) -> IngestResult:
         sop_uid = description.sop_instance_uid
@@ -345,7 +345,7 @@ class Store:
         return f"objects/{study[:2]}/{study}/{instance}-{content_sha256[:16]}.dcm"
 
     @staticmethod
-    def _insert(conn, d: ObjectDescription, a: Arrival, e: "_Encoded", version: int, rel_path: str,
+    def _insert(conn, d: ObjectDescription, a: Arrival, e: _Encoded, version: int, rel_path: str,
                 received_at_s: float) -> int:
         cursor = conn.execute(
             "INSERT INTO instances (sop_instance_uid, sop_class_uid, modality, patient_id, study_instance_uid,"
