@@ -377,3 +377,16 @@ def test_an_object_directory_removed_behind_the_store_is_made_again(tmp_path, rt
     again = store.import_file(second)
     assert again.path.parent == stored.path.parent and again.path.exists()
     store.close()
+
+
+def test_an_object_whose_duplicate_row_vanished_before_the_transaction_is_still_published(tmp_path, rt_data,
+                                                                                        monkeypatch):
+    store = Store(tmp_path / "data")
+    original = store.index.query
+    # the lookup outside the transaction sees a row that the check inside the transaction no longer finds
+    monkeypatch.setattr(store.index, "query",
+                        lambda sql, params=(): [(1, 1, "gone")] if sql == Store._FIND else original(sql, params))
+    result = store.import_file(rt_data / "eclipse-breast-boost-dicompyler" / "rtplan.dcm")
+    assert result.outcome is Outcome.STORED and result.path.exists()
+    assert original("SELECT path FROM instances")[0][0] == result.path.relative_to(store.data_dir).as_posix()
+    store.close()

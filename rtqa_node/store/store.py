@@ -328,6 +328,11 @@ class Store:
                     (latest,) = conn.execute(self._LATEST, (sop_uid,)).fetchone()
                     version = (latest or 0) + 1
                     outcome = Outcome.STORED if version == 1 else Outcome.NEW_VERSION
+                    if existing:  # the row seen before the transaction is gone: publish under the lock
+                        try:
+                            files.publish(temp_path, final_path, root=self.objects_dir, known_dirs=self._known_dirs)
+                        except OSError as exc:
+                            raise self._write_refusal(exc) from exc
                     try:
                         instance_id = self._insert(conn, description, arrival, stored, version, rel_path,
                                                    received_at_s)
