@@ -69,7 +69,8 @@ def test_sigkill_during_ingest_never_loses_an_acknowledged_object(ct_series, tmp
             ["storescu", "-v", "-aec", "RTQA", "-nh", "127.0.0.1", str(node.port), *files],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=peer_env(),
         )
-        time.sleep(rng.uniform(0.0, 0.5))
+        # the node stores ~200 slices/s: a kill within 0.3 s lands while the 98 slices are still being sent
+        time.sleep(rng.uniform(0.0, 0.3))
         node.process.send_signal(signal.SIGKILL)
         node.process.wait(10)
         output, _ = sender.communicate(timeout=60)
