@@ -4,18 +4,13 @@ Each worker process opens its own index connection (as ``rtqa worker`` does) and
 until the queue is empty; both are guarded transactions (BEGIN IMMEDIATE, WAL, synchronous=FULL), so each job
 costs two durable commits. Prints jobs/s per worker count and the machine.
 
-    .venv/bin/python benchmarks/queue.py [--jobs 10000] [--workers 1 2 4]
+    .venv/bin/python benchmarks/queue_throughput.py [--jobs 10000] [--workers 1 2 4]
 """
 
 from __future__ import annotations
 
-import sys
-
-# This file is named like the standard library's ``queue`` (which multiprocessing imports): run as a script,
-# its folder comes first on sys.path and would shadow it.
-sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]
-
 import argparse
+import sys
 import multiprocessing
 import os
 import platform

@@ -10,13 +10,8 @@ of 200 patients, and the split of one patient's time between simulation and writ
 
 from __future__ import annotations
 
-import sys
-
-# benchmarks/queue.py would shadow the standard library's ``queue`` (which multiprocessing imports) when this
-# folder comes first on sys.path, as it does for a script.
-sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]
-
 import argparse
+import sys
 import os
 import platform
 import shutil

@@ -206,6 +206,9 @@ def _add_cohort_args(p, *, default_seed: int, default_patients: int) -> None:
     p.add_argument("--patients", type=int, default=default_patients,
                    help=f"without --data: simulate this many synthetic patients in memory (default {default_patients})")
     p.add_argument("--seed", type=int, default=default_seed, help=f"synthetic cohort seed (default {default_seed})")
+    p.add_argument("--first", type=int, default=0,
+                   help="index of the first simulated patient (default 0): with the training seed and --first at or "
+                        "past the training patients, new patients from the same sites and reviewers")
     p.add_argument("--sites", type=int, default=3, help="synthetic cohort sites (default 3)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "rtqa-node",
                    help="cache of simulated bags (default ~/.cache/rtqa-node)")
@@ -225,10 +228,14 @@ def _cohort(args):
             raise InputError(str(exc)) from exc
     if args.patients < 4:
         raise InputError(f"--patients must be >= 4, got {args.patients}")
+    if args.first < 0:
+        raise InputError(f"--first must be >= 0, got {args.first}")
+    data = {"source": "synthetic", "patients": args.patients, "seed": args.seed, "sites": args.sites,
+            "synth_digest": source_digest()}
+    if args.first:
+        data["first"] = args.first
     return (simulate_cohort(patients=args.patients, seed=args.seed, sites=args.sites, cache_dir=args.cache,
-                            jobs=args.jobs),
-            {"source": "synthetic", "patients": args.patients, "seed": args.seed, "sites": args.sites,
-             "synth_digest": source_digest()})
+                            first=args.first, jobs=args.jobs), data)
 
 
 def _add_train(sub) -> None:
@@ -291,7 +298,7 @@ def _add_evaluate(sub) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from rtqa_node.ml.dataset import simulate_cohort
-    from rtqa_node.ml.evaluate import evaluate, markdown
+    from rtqa_node.ml.evaluate import describe_cohorts, evaluate, markdown
     from rtqa_node.ml.train import WEIGHTS_NAME, TrainedModel
 
     folders = sorted(p.parent for p in args.models.glob(f"*/{WEIGHTS_NAME}"))
@@ -301,10 +308,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     data = models[0].record.get("data", {})
     if data.get("source") != "synthetic":
         raise InputError("the baselines are fitted on the models' training cohort, which must be synthetic here")
+    if args.data is None and args.seed == data["seed"] and args.first < data.get("first", 0) + data["patients"]:
+        raise InputError(f"the test patients overlap the training cohort (seed {args.seed}, patients "
+                         f"{data.get('first', 0)}-{data.get('first', 0) + data['patients'] - 1}): use another seed "
+                         f"or --first {data.get('first', 0) + data['patients']}")
     train_cohort = simulate_cohort(patients=data["patients"], seed=data["seed"], sites=data["sites"],
-                                   cache_dir=args.cache, jobs=args.jobs)
-    test, _ = _cohort(args)
-    result = evaluate(models, train_cohort, test, out_dir=args.out)
+                                   first=data.get("first", 0), cache_dir=args.cache, jobs=args.jobs)
+    test, test_data = _cohort(args)
+    result = evaluate(models, train_cohort, test, out_dir=args.out, description=describe_cohorts(data, test_data))
     if args.update_cards:
         from rtqa_node.ml.train import write_model_card
 

@@ -77,3 +77,15 @@ def test_fused_model_starts_from_the_unimodal_encoders():
     assert not torch.equal(scratch.module.spatial.where[0].weight, unimodal["spatial"].module.encoder.where[0].weight)
     with pytest.raises(ValueError, match="split seed"):
         train(cohort, TrainConfig(model="fused", seed=5, **config), init=unimodal)
+
+
+def test_evaluation_names_its_cohorts_and_refuses_overlapping_patients(tmp_path):
+    from rtqa_node.cli import main
+    from rtqa_node.ml.evaluate import describe_cohorts
+
+    train = {"source": "synthetic", "seed": 1, "patients": 1200, "sites": 3}
+    assert "internal" in describe_cohorts(train, {**train, "patients": 600, "first": 1200})
+    assert "patients 1200-1799" in describe_cohorts(train, {**train, "patients": 600, "first": 1200})
+    assert "external" in describe_cohorts(train, {**train, "seed": 2, "patients": 600})
+    # the committed models were trained on seed 1, patients 0-1199: the same seed needs --first >= 1200
+    assert main(["evaluate", "--patients", "10", "--seed", "1", "--first", "1000", "--out", str(tmp_path)]) == 2

@@ -171,7 +171,7 @@ def score(pred: CohortPredictions, test: Cohort, *, seed: int = 0) -> dict:
         if e not in pred.endpoints:
             continue
         y, p = test.events[:, k], pred.endpoints[e]
-        known = ~np.isnan(y)
+        known = ~np.isnan(y) & ~np.isnan(p)  # a baseline without its structure (missing OAR) predicts NaN
         y, p = y[known].astype(int), p[known]
         lo, hi = bootstrap_auc_ci(y, p, seed=seed)
         entry = {"auc": auc(y, p), "auc_ci95": [lo, hi], "ece": ece(y, p), "n": len(y), "events": int(y.sum())}
@@ -259,7 +259,9 @@ class EvaluationResult:
 
 
 def evaluate(models: list[TrainedModel], train: Cohort, test: Cohort, *, out_dir: Path | None = None,
-             seed: int = 0) -> EvaluationResult:
+             seed: int = 0, description: str = "") -> EvaluationResult:
+    """Every model, baseline and the oracle on ``test``; baselines are fitted on ``train``. ``description`` (which
+    cohorts these are) heads the report."""
     preds = [predict_cohort(m, test) for m in models] + baseline_predictions(train, test)
     oracle = oracle_predictions(test)
     if oracle is not None:
@@ -268,11 +270,27 @@ def evaluate(models: list[TrainedModel], train: Cohort, test: Cohort, *, out_dir
     agreement = reviewer_agreement(test)
     crit = criteria(rows, agreement)
     info = {"patients": len(test), "events": {e: int(np.nansum(test.events[:, k])) for k, e in enumerate(ENDPOINTS)},
-            "with_subregion": int(test.has_subregion.sum()), "sub_region_drives_risk": int(drives_risk(test).sum())}
+            "with_subregion": int(test.has_subregion.sum()), "sub_region_drives_risk": int(drives_risk(test).sum()),
+            "description": description}
     result = EvaluationResult(rows, agreement, crit, info)
     if out_dir is not None:
         write_report(result, preds, test, Path(out_dir))
     return result
+
+
+def describe_cohorts(train: dict, test: dict) -> str:
+    """One sentence naming the training and test cohorts (``rtqa train`` data records) and what kind of
+    validation that is: the synthetic generator draws sites (institutions) and reviewers from the seed."""
+    def span(d: dict) -> str:
+        first = d.get("first", 0)
+        return f"seed {d.get('seed')}, patients {first}-{first + d.get('patients', 0) - 1}, {d.get('sites')} sites"
+
+    if test.get("source") != "synthetic" or train.get("source") != "synthetic":
+        return f"Test data: {test.get('source')}; training data: {train.get('source')}."
+    kind = ("internal validation: new patients of the training sites and reviewers" if test.get("seed") == train.get("seed")
+            else "external validation: other sites (contouring and planning styles, case mix) and other reviewers "
+                 "than in training, since the generator draws them from the seed")
+    return f"Test cohort: synthetic {span(test)}; training cohort: synthetic {span(train)}; {kind}."
 
 
 # -- report ----------------------------------------------------------------------------------------------------
@@ -283,7 +301,10 @@ def _fmt(x) -> str:
 
 
 def markdown(result: EvaluationResult) -> str:
-    lines = [f"# Model evaluation: {result.cohort['patients']} held-out patients", "",
+    lines = [f"# Model evaluation: {result.cohort['patients']} held-out patients", ""]
+    if result.cohort.get("description"):
+        lines += [result.cohort["description"], ""]
+    lines += [
              f"Events: {result.cohort['events']}; planted sub-region present for {result.cohort['with_subregion']}, "
              f"driving >= {DRIVES_RISK_SHARE:.0%} of xerostomia risk for {result.cohort['sub_region_drives_risk']}.", "",
              "| model | xerostomia AUC [95% CI] | ECE | planted-mechanism AUC | dysphagia AUC | ECE | local control AUC | ECE "

