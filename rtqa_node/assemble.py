@@ -351,6 +351,7 @@ class Assembler:
         self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
         self._scheduler = BackgroundScheduler(timezone=UTC)
         self._stopping = threading.Event()
+        self._timers: dict[str, float] = {}  # stable-age job id -> due time armed (s since the epoch)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -403,7 +404,7 @@ class Assembler:
 
     def _process(self, batch) -> None:
         keys: set[Key] = set()
-        with self.index.transaction() as conn:
+        with self.index.snapshot() as conn:  # reads only: ingests keep the write lock to themselves meanwhile
             for kind, value in batch:
                 if kind == "rescan":
                     keys |= all_keys(conn)
@@ -421,13 +422,21 @@ class Assembler:
     def _after(self, key: Key, decision: Decision) -> None:
         job_id = f"stable-age:{decision.plan_study_id}"
         if decision.ready_due_at_s is not None:
+            if self._timers.get(job_id) == decision.ready_due_at_s and self._scheduler.get_job(job_id) is not None:
+                return self._log_decision(decision)  # the same timer is armed: re-arming it costs apscheduler work
+            self._timers[job_id] = decision.ready_due_at_s
             self._scheduler.add_job(
                 self._timer_fired, "date", args=[key], id=job_id, replace_existing=True,
                 run_date=datetime.fromtimestamp(decision.ready_due_at_s + 0.01, tz=UTC),
                 misfire_grace_time=None,
             )
         elif self._scheduler.get_job(job_id) is not None:
+            self._timers.pop(job_id, None)
             self._scheduler.remove_job(job_id)
+        self._log_decision(decision)
+
+    @staticmethod
+    def _log_decision(decision: Decision) -> None:
         if decision.new_revision:
             log.info("plan_study_ready", extra={"plan_study_id": decision.plan_study_id,
                                                 "revision": decision.revision})

@@ -231,6 +231,17 @@ class Index:
                 if not durable:
                     self.conn.execute("PRAGMA synchronous=FULL")
 
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction (``BEGIN DEFERRED``): one consistent view without taking the write lock, so
+        writers (the store's ingest) never wait for it (WAL readers and the writer do not block each other)."""
+        with self._lock:
+            self.conn.execute("BEGIN DEFERRED")
+            try:
+                yield self.conn
+            finally:
+                self.conn.execute("COMMIT")
+
     #: waits between attempts to take the write lock (s); the last one repeats until ``BUSY_TIMEOUT_S``
     _BEGIN_WAITS_S = (0.0001, 0.0002, 0.0005, 0.001)
     BUSY_TIMEOUT_S = 30.0
