@@ -24,10 +24,29 @@ from rtqa_node.config import Destination, Settings
 from rtqa_node.dicom.scu import SendTimeouts, send_files
 from rtqa_node.errors import PermanentError
 from rtqa_node.report.kinds import KIND_BY_SOP_CLASS
+from rtqa_node.review import Review, Verdict
 
 log = logging.getLogger(__name__)
 
 DISPATCH_PRIORITY = 100
+#: targets whose probability is a risk; local control is a good outcome, so its risk is 1 - p
+_ADVERSE = {"qa_major": False, "xerostomia_severe": False, "dysphagia_severe": False, "local_control": True}
+#: without predictions, the rule verdict orders delivery
+_VERDICT_RISK = {Verdict.MAJOR: 1.0, Verdict.NOT_EVALUABLE: 0.75, Verdict.MINOR: 0.5, Verdict.PER_PROTOCOL: 0.0}
+
+
+def review_risk(review: Review) -> float:
+    """The plan's risk in [0, 1]: the highest adverse probability among the model's predictions (the QA verdict
+    being major, severe toxicity, local failure); without predictions, the rule verdict's severity."""
+    risks = [1.0 - p.probability if _ADVERSE[p.target] else p.probability
+             for p in review.predictions if p.target in _ADVERSE]
+    return max(risks) if risks else _VERDICT_RISK[review.verdict]
+
+
+def dispatch_priority(review: Review) -> int:
+    """Queue priority of a revision's delivery: riskier plans are sent (and reach the TPS and worklist) first.
+    Always above every review job's priority, so finished results never wait behind new reviews."""
+    return DISPATCH_PRIORITY + round(100 * review_risk(review))
 
 
 @dataclass(frozen=True, slots=True)

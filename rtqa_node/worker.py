@@ -37,7 +37,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from rtqa_node.config import Destination, Settings
-from rtqa_node.dispatch import DISPATCH_PRIORITY, dispatch_revision, outbox_path
+from rtqa_node.dispatch import dispatch_priority, dispatch_revision, outbox_path
 from rtqa_node.errors import InputError, PermanentError, RetryableError
 from rtqa_node.queue import Job, JobKind, JobState, LeaseLost, Queue, enqueue
 from rtqa_node.report.kinds import KIND_BY_SOP_CLASS
@@ -261,7 +261,8 @@ class Worker:
                   rel.as_posix(), now_s) for ds, rel in written])
             enqueue(conn, plan_study_id=job.plan_study_id, revision=job.revision, kind=JobKind.DISPATCH,
                     max_attempts=self.settings.dispatch_max_attempts,
-                    retry_base_s=self.settings.dispatch_retry_base_s, priority=DISPATCH_PRIORITY, now_s=now_s)
+                    retry_base_s=self.settings.dispatch_retry_base_s, priority=dispatch_priority(review),
+                    now_s=now_s)
 
     def _fail(self, job: Job, error: str, *, permanent: bool) -> JobState:
         last_attempt = permanent or job.attempts >= job.max_attempts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -52,6 +53,10 @@ def test_review_writes_a_result_with_a_deterministic_uid_and_queues_its_dispatch
     jobs = {r["kind"]: dict(r) for r in store.index.query("SELECT * FROM jobs")}
     assert jobs["review"]["state"] == "done" and jobs["dispatch"]["state"] == "done"
     assert '"CT": 98' in jobs["review"]["result"]
+    # its delivery is queued at the plan's risk: the rule verdict here (RTQA_ML is off)
+    verdict = json.loads(jobs["review"]["result"])["verdict"]
+    assert jobs["dispatch"]["priority"] == {"per_protocol": 100, "minor": 150, "major": 200,
+                                            "not_evaluable": 175}[verdict]
     (outbox,) = store.index.query("SELECT * FROM outbox")
     assert outbox["sop_instance_uid"] == result_uid(ps_id, 1, "review")
     sr = pydicom.dcmread(data_dir / outbox["path"])
