@@ -42,18 +42,28 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> t
     return torch.nan_to_num(out, nan=0.0) * mask
 
 
-class GatedAttention(nn.Module):
-    """Ilse et al. 2018, eq. 9: a_k = softmax(w^T (tanh(V h_k) ⊙ sigm(U h_k)))."""
+class GatedScore(nn.Module):
+    """The gated attention score of Ilse et al. 2018, eq. 9: w^T (tanh(V h) ⊙ sigm(U h)), h (..., D) -> (..., out)."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, out: int = 1) -> None:
         super().__init__()
         self.V = nn.Linear(dim, hidden)
         self.U = nn.Linear(dim, hidden)
-        self.w = nn.Linear(hidden, len(TASKS))
+        self.w = nn.Linear(hidden, out)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.w(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h)))
+
+
+class GatedAttention(GatedScore):
+    """Ilse et al. 2018, eq. 9: a_k = softmax(w^T (tanh(V h_k) ⊙ sigm(U h_k))), one score per task branch."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__(dim, hidden, len(TASKS))
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h: (B, N, D), mask: (B, N) -> attention (B, K, N), one softmax per task branch."""
-        scores = self.w(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h))).transpose(1, 2)  # (B, K, N)
+        scores = super().forward(h).transpose(1, 2)  # (B, K, N)
         return masked_softmax(scores, mask[:, None, :])
 
 

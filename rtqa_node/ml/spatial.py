@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from rtqa_node.ml.bags import PATCH_FEATURES, SPATIAL_CHANNELS, SPATIAL_ORGANS
-from rtqa_node.ml.mil import TASKS, TaskHeads, masked_softmax
+from rtqa_node.ml.mil import TASKS, GatedScore, TaskHeads, masked_softmax
 
 ORGAN_CHANNEL = SPATIAL_CHANNELS.index("organ")
 POSITION_CHANNELS = tuple(SPATIAL_CHANNELS.index(c) for c in ("z", "y", "lateral"))
@@ -63,15 +63,11 @@ class SpatialOutput:
     voxel_attention: torch.Tensor
 
 
-class _Score(nn.Module):
-    """Gated attention score w^T (tanh(V h) * sigm(U h)) for embeddings (..., D) -> (...)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.V, self.U, self.w = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, 1)
+class _Score(GatedScore):
+    """Gated attention score for embeddings (..., D) -> (...)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.w(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h))).squeeze(-1)
+        return super().forward(h).squeeze(-1)
 
 
 class SpatialEncoder(nn.Module):
