@@ -124,3 +124,15 @@ def storescu(port: int, *paths: Path, called_ae: str = "RTQA", calling_ae: str =
     if check and result.returncode != 0:
         raise AssertionError(f"storescu failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the ML tests: the CI box is shared, and small conv3d batches run slower on contended
+    threads. (torch is imported here, not at the top, so tests without models do not pay for it.)"""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -11,13 +11,7 @@ import torch
 from rtqa_node.ml.evaluate import auc, cohen_kappa, ece, evaluate, net_benefit
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the CI box is shared, and small conv3d batches run slower on contended threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_auc_kappa_ece_and_net_benefit_match_hand_computed_values():

@@ -14,13 +14,7 @@ from rtqa_node.ml.evaluate import auc
 from rtqa_node.ml.mil import TASKS, TabularConfig, TabularMil
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the CI box is shared, and small conv3d batches run slower on contended threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 F = len(TABULAR_FEATURES)

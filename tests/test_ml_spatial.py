@@ -15,13 +15,7 @@ from rtqa_node.ml.spatial import SpatialConfig, SpatialMil, attention_entropy
 from rtqa_node.ml.train import TrainConfig, entropy_weight
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the CI box is shared, and small conv3d batches run slower on contended threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 Z, Y, X = PATCH_SHAPE
