@@ -10,7 +10,6 @@ costs two durable commits. Prints jobs/s per worker count and the machine.
 from __future__ import annotations
 
 import argparse
-import sys
 import multiprocessing
 import os
 import platform

@@ -11,7 +11,6 @@ of 200 patients, and the split of one patient's time between simulation and writ
 from __future__ import annotations
 
 import argparse
-import sys
 import os
 import platform
 import shutil

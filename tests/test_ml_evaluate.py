@@ -10,7 +10,6 @@ import torch
 
 from rtqa_node.ml.evaluate import auc, cohen_kappa, ece, evaluate, net_benefit
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -58,7 +57,7 @@ def test_fused_model_starts_from_the_unimodal_encoders():
     from rtqa_node.ml.train import TrainConfig, train
 
     cohort = simulate_cohort(patients=6, seed=22, sites=2)
-    config = dict(epochs=1, batch_size=4, val_fraction=0.4)
+    config = {"epochs": 1, "batch_size": 4, "val_fraction": 0.4}
     unimodal = {k: train(cohort, TrainConfig(model=k, **config), name=k) for k in ("tabular", "spatial")}
     # learning rate 0: the fused encoders keep exactly the weights they started from
     fused = train(cohort, TrainConfig(model="fused", learning_rate=0.0, **config), name="fused", init=unimodal)

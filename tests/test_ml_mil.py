@@ -13,7 +13,6 @@ from rtqa_node.ml.bags import STRUCTURE_VOCAB, TABULAR_FEATURES
 from rtqa_node.ml.evaluate import auc
 from rtqa_node.ml.mil import TASKS, TabularConfig, TabularMil
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

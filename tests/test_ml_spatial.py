@@ -14,7 +14,6 @@ from rtqa_node.ml.mil import TASKS
 from rtqa_node.ml.spatial import SpatialConfig, SpatialMil, attention_entropy
 from rtqa_node.ml.train import TrainConfig, entropy_weight
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

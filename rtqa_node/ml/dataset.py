@@ -252,8 +252,8 @@ def simulate_cohort(*, patients: int, seed: int, sites: int = 3, first: int = 0,
              for c in starts}
     missing = [c for c in starts if not paths[c].exists()]
     if jobs > 1 and len(missing) > 1:
-        from concurrent.futures import ProcessPoolExecutor
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
         # fork: the children only run numpy (synth + bags), and callers need no __main__ guard
         methods = multiprocessing.get_all_start_methods()
