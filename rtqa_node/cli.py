@@ -248,6 +248,8 @@ def _add_train(sub) -> None:
     p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (default 10)")
     p.add_argument("--entropy-weight", type=float, default=0.05,
                    help="voxel-attention entropy prior of spatial and fused models (default 0.05)")
+    p.add_argument("--no-localise", dest="localise", action="store_false",
+                   help="start the spatial attention uniform instead of from a dose-response scan (ml.localise)")
     p.add_argument("--train-seed", type=int, default=0, help="split and initialisation seed (default 0)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
@@ -270,7 +272,7 @@ def _run_train(args: argparse.Namespace) -> int:
                     init[k] = earlier
         model = train(cohort, TrainConfig(model=kind, epochs=args.epochs, patience=args.patience,
                                           attention_entropy_weight=args.entropy_weight, seed=args.train_seed,
-                                          threads=args.threads), name=kind, init=init)
+                                          localise=args.localise, threads=args.threads), name=kind, init=init)
         trained[kind] = model
         model.record["data"] = data
         model.save(args.out / kind)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rtqa_node.ml import localise
 from rtqa_node.ml.dataset import Cohort
 from rtqa_node.ml.fusion import FusedMil
 from rtqa_node.ml.mil import BINARY_TARGETS, VERDICT_CLASSES, TabularConfig, TabularMil
@@ -53,6 +54,9 @@ class TrainConfig:
     #: the attention collapse onto any few voxels before the outcome has shaped it (toy test: 0 % of the mass
     #: in the planted sub-region with the prior from epoch 0, 100 % with a 6-epoch warm-up)
     attention_entropy_warmup: int = 6
+    #: spatial and fused models trained without a spatial init: start the position attention from a
+    #: dose-response scan of the training patients (``ml.localise``)
+    localise: bool = True
     threads: int = 1
     tabular: TabularConfig = field(default_factory=TabularConfig)
     spatial: SpatialConfig = field(default_factory=SpatialConfig)
@@ -216,6 +220,13 @@ def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
                 raise ValueError(f"init model {kind} used split seed {trained.config.seed}, not {config.seed}")
             getattr(model, kind).load_state_dict(trained.module.encoder.state_dict())
             initialised.append(kind)
+        localisation = None
+        if (config.localise and config.model in ("spatial", "fused") and "spatial" not in initialised
+                and config.spatial.voxel_attention == "position"):
+            findings = localise.scan(cohort, train_idx, val_idx)
+            encoder = model.spatial if config.model == "fused" else model.encoder
+            localise.initialise_attention(encoder, findings, cohort, train_idx, seed=config.seed)
+            localisation = [f.to_dict() for f in findings]
         model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         soft = torch.as_tensor(cohort.verdict_soft, device=device)
@@ -264,7 +275,7 @@ def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
         record = {"train_patients": len(train_idx), "val_patients": len(val_idx),
                   "best_epoch": best_epoch, "best_val_loss": round(best, 4), "epochs_run": len(history),
                   "train_time_s": round(elapsed, 1), "device": str(device), "threads": config.threads,
-                  "initialised_from": initialised, "history": history}
+                  "initialised_from": initialised, "localisation": localisation, "history": history}
         log.info("ml_trained", extra={"model": name or config.model, "best_epoch": best_epoch,
                                       "val_loss": round(best, 4), "elapsed_s": round(elapsed, 1)})
         if sys.stderr.isatty():
@@ -304,8 +315,16 @@ def write_model_card(model: TrainedModel, folder: Path, evaluation: dict | None 
         f"AdamW lr {c.learning_rate}, weight decay {c.weight_decay}, batch {c.batch_size}, early stopping patience "
         f"{c.patience}; {r.get('train_time_s')} s on {r.get('device')} ({r.get('threads')} thread(s)).",
         f"- Temperatures (verdict, xerostomia, dysphagia, local control): {[round(t, 3) for t in model.temperatures]}.",
-        "- Hyperparameters: `config.json` (also inside `model.pt`).", "",
+        "- Hyperparameters: `config.json` (also inside `model.pt`).",
     ]
+    if r.get("localisation"):
+        found = "; ".join(f"{f['task']}: {'/'.join(f['organs'])} at {f['centre']} (sigma {f['sigma']}, validation "
+                          f"gain {f['validation_gain_nats']} nats)" for f in r["localisation"])
+        lines.append(f"- Spatial attention started from a dose-response scan of the training patients (`ml.localise`): "
+                     f"{found}.")
+    elif "spatial" in r.get("initialised_from", []):
+        lines.append("- Spatial encoder started from the trained spatial model (its card says how its attention started).")
+    lines.append("")
     if evaluation:
         lines += ["## Metrics (held-out synthetic cohort, different seed)", ""]
         for e, m in evaluation.get("endpoints", {}).items():

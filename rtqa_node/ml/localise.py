@@ -1,0 +1,271 @@
+"""Dose-response scan: where inside an organ does dose predict an outcome? The starting point of the spatial
+model's attention.
+
+Why a scan first. Learning *where* to look from outcomes alone, by gradient descent from uniform attention, is
+slow and gets trapped: the first gradients favour whatever part of an organ has the largest dose variance,
+not the part whose dose carries the signal. Measured on the synthetic cohort (1,200 patients, parotid voxels
+only, attention-weighted dose plus the gland mean in a logistic head): from uniform attention the xerostomia
+attention moved to the cranial-posterior gland and held 0.5 % of its mass in the planted sub-region after 500
+steps; with the (noise-free) oracle probabilities as labels it did reach the sub-region, slowly. A scan
+evaluates every candidate location at once, in the spirit of voxel-based dose-response analysis:
+
+1. for each organ family (left and right organs share one mirrored frame, as in ``bags.spatial_bag``) and each
+   centre c on a grid of organ-relative positions, each patient's kernel-weighted mean dose
+   z_c = sum_v K(v, c) d_v / sum_v K(v, c) inside each organ (Gaussian K, width sigma), averaged over the
+   family's organs;
+2. per binary endpoint, logistic regression of the events on [whole-organ mean dose, z_c] (Newton, training
+   patients only), one model per (c, sigma), coarse grid then a finer one around the best;
+3. the best centre is kept only when it also lowers the deviance on the validation patients by at least
+   ``ScanConfig.min_validation_gain`` nats over the mean dose alone (likelihood-ratio p < 0.05 for one added
+   parameter at 1.92; default 3): otherwise that branch keeps uniform attention.
+
+:func:`initialise_attention` then writes each finding into a ``SpatialEncoder``: the branch's voxel score
+("where" network) is fitted to the kernel's log, -|p - c|^2 / (2 sigma^2), on that family's voxels (0 on the
+others, where the per-region softmax stays uniform), and the branch's region prior favours the family. Training
+then refines both from there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from rtqa_node.ml.bags import SPATIAL_CHANNELS, SPATIAL_ORGANS
+from rtqa_node.ml.dataset import Cohort
+from rtqa_node.ml.mil import BINARY_TARGETS, TASKS
+
+log = logging.getLogger(__name__)
+
+DOSE, ORGAN = SPATIAL_CHANNELS.index("dose"), SPATIAL_CHANNELS.index("organ")
+POSITION = tuple(SPATIAL_CHANNELS.index(c) for c in ("z", "y", "lateral"))
+
+
+def organ_families() -> list[tuple[int, ...]]:
+    """SPATIAL_ORGANS indices grouped into left/right pairs (one mirrored frame) and single organs."""
+    families: dict[str, list[int]] = {}
+    for i, name in enumerate(SPATIAL_ORGANS):
+        families.setdefault(name.removesuffix("_L").removesuffix("_R"), []).append(i)
+    return [tuple(v) for v in families.values()]
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    sigmas: tuple[float, ...] = (0.1, 0.2)  # kernel widths, organ-relative units (bags.POSITION_SCALE_MM)
+    extent: float = 0.75  # coarse grid: -extent..extent on each axis
+    coarse_step: float = 0.25
+    fine_step: float = 0.1  # then a 5x5x5 grid at this step around the coarse optimum (covers a coarse step)
+    min_validation_gain: float = 3.0  # nats of validation deviance over the whole-organ mean alone
+    voxel_stride: int = 2  # rows and columns of each patch subsampled for the scan (the kernel is smooth)
+    region_prior: float = 3.0  # added to the found family's region score in the branch's region prior
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One branch's best location: the family's region indices, centre (z, y, lateral) and width."""
+
+    task: str
+    regions: tuple[int, ...]
+    centre: tuple[float, float, float]
+    sigma: float
+    train_gain: float  # deviance (nats) removed on the training patients vs the whole-organ mean alone
+    validation_gain: float
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "organs": [SPATIAL_ORGANS[r] for r in self.regions],
+                "centre": [round(c, 3) for c in self.centre], "sigma": self.sigma,
+                "train_gain_nats": round(self.train_gain, 2), "validation_gain_nats": round(self.validation_gain, 2)}
+
+
+@dataclass
+class _FamilyVoxels:
+    """A family's organ voxels per patient, padded: dose (P, V), position (P, V, 3), region slot (P, V),
+    occupancy (P, V); slot j is the family's j-th organ."""
+
+    dose: torch.Tensor
+    position: torch.Tensor
+    slot: torch.Tensor
+    weight: torch.Tensor
+
+    @property
+    def present(self) -> np.ndarray:
+        """(P,) bool: patients with at least one of the family's organ voxels."""
+        return (self.weight > 0).any(1).numpy()
+
+    def kernel_doses(self, centres: torch.Tensor, sigma: float, slots: int, chunk: int = 64) -> torch.Tensor:
+        """(P, C): per patient and centre, the kernel-weighted dose averaged over the family's organs present."""
+        out = torch.zeros(len(self.dose), len(centres), dtype=torch.float64)
+        c2 = (centres ** 2).sum(-1)
+        for i in range(0, len(self.dose), chunk):
+            pos, d, w, s = (t[i:i + chunk] for t in (self.position, self.dose, self.weight, self.slot))
+            d2 = (pos ** 2).sum(-1, keepdim=True) - 2 * pos @ centres.T + c2[None, None]  # (b, V, C)
+            k = torch.exp(-d2.clamp(min=0) / (2 * sigma ** 2)) * (w > 0)[..., None]
+            total, present = 0.0, 0.0
+            for j in range(slots):
+                kj = k * (s == j)[..., None]
+                norm = kj.sum(1)  # (b, C)
+                has = (norm > 1e-12).double()
+                total = total + has * (kj * d[..., None]).sum(1) / norm.clamp(min=1e-12)
+                present = present + has
+            out[i:i + chunk] = total / present.clamp(min=1.0)
+        return out
+
+    def mean_dose(self) -> torch.Tensor:
+        w = self.weight
+        return ((self.dose * w).sum(1) / w.sum(1).clamp(min=1e-9)).double()
+
+
+def _family_voxels(cohort: Cohort, index: np.ndarray, regions: tuple[int, ...], stride: int) -> _FamilyVoxels | None:
+    rows = []
+    for i in index:
+        sel = cohort.spa_mask[i] & np.isin(cohort.spa_region[i], regions)
+        if not sel.any():  # the patient has none of the family's organs
+            rows.append((np.zeros((0, len(SPATIAL_CHANNELS)), np.float32), np.zeros(0, np.int64)))
+            continue
+        v = cohort.spa_voxels[i][sel][..., ::stride, ::stride].astype(np.float32)  # (n, C, Z, Y', X')
+        slot = np.searchsorted(regions, cohort.spa_region[i][sel])
+        v = v.reshape(len(v), v.shape[1], -1).transpose(0, 2, 1)  # (n, V, C)
+        inside = v[..., ORGAN] > 0
+        rows.append((v[inside], np.repeat(slot[:, None], v.shape[1], 1)[inside]))
+    width = max((len(r[0]) for r in rows), default=0)
+    if width == 0:
+        return None
+    P = len(rows)
+    dose, weight = np.zeros((P, width), np.float32), np.zeros((P, width), np.float32)
+    position, slot = np.zeros((P, width, 3), np.float32), np.zeros((P, width), np.int64)
+    for i, (v, s) in enumerate(rows):
+        n = len(v)
+        dose[i, :n], weight[i, :n], position[i, :n], slot[i, :n] = v[:, DOSE], v[:, ORGAN], v[:, list(POSITION)], s
+    return _FamilyVoxels(*(torch.as_tensor(a) for a in (dose, position, slot, weight)))
+
+
+def _logistic_deviance(features: torch.Tensor, y: torch.Tensor, *, iters: int = 30,
+                       ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Many small logistic regressions at once: features (P, M, F) (intercept added here), y (P,) in {0, 1}
+    -> weights (M, F + 1) and training deviance (M,) (2 x negative log-likelihood)."""
+    P, M, _ = features.shape
+    X = torch.cat([torch.ones(P, M, 1, dtype=torch.float64), features.double()], dim=-1)
+    y = y.double()[:, None]
+    w = torch.zeros(M, X.shape[-1], dtype=torch.float64)
+    eye = torch.eye(X.shape[-1], dtype=torch.float64)
+    for _ in range(iters):
+        p = torch.sigmoid((X * w[None]).sum(-1))
+        grad = ((p - y)[..., None] * X).sum(0) + ridge * w
+        hess = torch.einsum("pm,pmi,pmj->mij", p * (1 - p), X, X) + ridge * eye
+        w = w - torch.linalg.solve(hess, grad)
+    return w, _deviance(X, w, y)
+
+
+def _deviance(X: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    eta = (X * w[None]).sum(-1)
+    return 2 * (torch.nn.functional.softplus(eta) - y * eta).sum(0)
+
+
+def _with_intercept(features: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.ones(*features.shape[:2], 1, dtype=torch.float64), features.double()], dim=-1)
+
+
+def _grid(lo: np.ndarray, hi: np.ndarray, step: float) -> torch.Tensor:
+    axes = [np.arange(a, b + step / 2, step) for a, b in zip(lo, hi)]
+    return torch.as_tensor(np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3), dtype=torch.float32)
+
+
+def scan(cohort: Cohort, train_idx: np.ndarray, val_idx: np.ndarray,
+         config: ScanConfig = ScanConfig()) -> list[Finding]:
+    """The best (family, centre, sigma) per binary endpoint, where one passes the validation check."""
+    events = {t: cohort.events[:, k] for k, t in enumerate(BINARY_TARGETS)}
+    best: dict[str, tuple[float, Finding]] = {}
+    for regions in organ_families():
+        train_vox = _family_voxels(cohort, train_idx, regions, config.voxel_stride)
+        val_vox = _family_voxels(cohort, val_idx, regions, config.voxel_stride)
+        if train_vox is None or val_vox is None:
+            continue
+        coarse = _grid(np.full(3, -config.extent), np.full(3, config.extent), config.coarse_step)
+        coarse_doses = {sigma: train_vox.kernel_doses(coarse, sigma, len(regions)) for sigma in config.sigmas}
+        for task, y_all in events.items():
+            ok_t = ~np.isnan(y_all[train_idx]) & train_vox.present
+            ok_v = ~np.isnan(y_all[val_idx]) & val_vox.present
+            if ok_t.sum() < 20 or len(np.unique(y_all[train_idx][ok_t])) < 2:
+                continue
+            yt, yv = torch.as_tensor(y_all[train_idx][ok_t]), torch.as_tensor(y_all[val_idx][ok_v])
+            mt, mv = train_vox.mean_dose()[ok_t], val_vox.mean_dose()[ok_v]
+            w0, dev0 = _logistic_deviance(mt[:, None, None], yt)
+            dev0_val = _deviance(_with_intercept(mv[:, None, None]), w0, yv[:, None].double())
+            candidates = []
+            for sigma in config.sigmas:
+                z = coarse_doses[sigma][ok_t]
+                _, dev = _logistic_deviance(torch.stack([mt[:, None].expand_as(z), z], -1), yt)
+                c = coarse[int(torch.argmin(dev))].numpy()
+                fine = _grid(c - 2 * config.fine_step, c + 2 * config.fine_step, config.fine_step)
+                zf = train_vox.kernel_doses(fine, sigma, len(regions))[ok_t]
+                wf, devf = _logistic_deviance(torch.stack([mt[:, None].expand_as(zf), zf], -1), yt)
+                j = int(torch.argmin(devf))
+                zv = val_vox.kernel_doses(fine[j:j + 1], sigma, len(regions))[ok_v]
+                dev_val = _deviance(_with_intercept(torch.stack([mv[:, None], zv], -1)), wf[j:j + 1],
+                                    yv[:, None].double())
+                candidates.append((float(devf[j]), sigma, fine[j], float(dev0[0] - devf[j]) / 2,
+                                   float(dev0_val[0] - dev_val[0]) / 2))
+            dev, sigma, centre, gain_t, gain_v = min(candidates, key=lambda t: t[0])
+            finding = Finding(task, regions, tuple(float(x) for x in centre), sigma, gain_t, gain_v)
+            log.info("ml_scan", extra={k: v for k, v in finding.to_dict().items() if k != "task"} | {"target": task})
+            if gain_v >= config.min_validation_gain and (task not in best or gain_t > best[task][0]):
+                best[task] = (gain_t, finding)
+    return [f for _, f in best.values()]
+
+
+def initialise_attention(encoder: nn.Module, findings: list[Finding], cohort: Cohort, index: np.ndarray, *,
+                         config: ScanConfig = ScanConfig(), steps: int = 2000, seed: int = 0) -> float:
+    """Fit the position-attention ("where") network of a ``SpatialEncoder`` so that each finding's branch
+    scores voxels by the kernel's log on its family's organs (0 elsewhere; other branches keep their initial
+    scores, fitted as targets too), and raise the branch's region prior on that family. -> final fit MSE."""
+    where = getattr(encoder, "where", None)
+    if where is None or not findings:
+        return float("nan")
+    rng = np.random.default_rng([seed, 17])
+    R = len(SPATIAL_ORGANS)
+    # inputs as the encoder builds them: organ-relative position + the region one-hot, sampled from real bags
+    pats = rng.choice(index, size=min(len(index), 100), replace=False)
+    pos, reg = [], []
+    for i in pats:
+        sel = cohort.spa_mask[i]
+        v = cohort.spa_voxels[i][sel].astype(np.float32)
+        inside = v[:, ORGAN] > 0  # (n, Z, Y, X)
+        p = np.moveaxis(v[:, list(POSITION)], 1, -1)[inside]  # (m, 3)
+        r = np.broadcast_to(cohort.spa_region[i][sel][:, None, None, None], inside.shape)[inside]
+        take = rng.choice(len(p), size=min(len(p), 300), replace=False)
+        pos.append(p[take])
+        reg.append(r[take])
+    # and, so that the fit resolves each kernel's peak (a few voxels among thousands), as many points again
+    # drawn around each finding's centre in each of its family's organs
+    for f in findings:
+        for r in f.regions:
+            pos.append((np.asarray(f.centre) + 1.5 * f.sigma * rng.standard_normal((4000, 3))).astype(np.float32))
+            reg.append(np.full(4000, r))
+    pos_t, reg_t = torch.as_tensor(np.concatenate(pos)), torch.as_tensor(np.concatenate(reg))
+    inputs = torch.cat([pos_t, nn.functional.one_hot(reg_t, R).float()], dim=-1)[:, :, None, None, None]
+    with torch.no_grad():
+        target = where(inputs).flatten(1).clone()  # (S, K): other branches keep what they have
+    for f in findings:
+        k = TASKS.index(f.task)
+        in_family = torch.as_tensor(np.isin(reg_t.numpy(), f.regions))
+        d2 = ((pos_t - torch.as_tensor(f.centre)) ** 2).sum(-1)
+        # the kernel's log, floored where its weight is negligible (e^-12 ~ 6e-6) to keep the fit's range small
+        target[:, k] = torch.where(in_family, (-d2 / (2 * f.sigma ** 2)).clamp(min=-12.0), torch.zeros_like(d2))
+        with torch.no_grad():
+            encoder.region_bias[k, list(f.regions)] += config.region_prior
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(where.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(where(inputs).flatten(1), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return float(loss.item())
