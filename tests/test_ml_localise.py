@@ -90,7 +90,7 @@ def test_initialised_attention_puts_the_branch_mass_on_the_blob(toy):
     cohort, train_idx, _, findings = toy
     torch.manual_seed(0)
     encoder = SpatialEncoder(SpatialConfig())
-    idx = np.arange(40)
+    idx = np.arange(20)
     batch = [torch.as_tensor(a[idx]) for a in (cohort.spa_voxels.astype(np.float32), cohort.spa_features,
                                                 cohort.spa_region, cohort.spa_mask)]
     blob = torch.as_tensor(cohort.subregion[idx].reshape(len(idx), cohort.subregion.shape[1], -1) > 0)
@@ -139,3 +139,11 @@ def test_training_starts_the_spatial_attention_from_the_scan(toy):
     assert model.record["localisation"][0]["organs"] == ["Parotid_L", "Parotid_R"]
     plain = train(cohort, TrainConfig(**config, localise=False), name="spatial")
     assert plain.record["localisation"] is None
+
+
+def test_pointwise_evaluation_matches_the_convolutions():
+    torch.manual_seed(1)
+    where = SpatialEncoder(SpatialConfig()).where
+    x = torch.randn(50, where[0].in_channels)
+    expected = where(x[:, :, None, None, None]).flatten(1)
+    assert torch.allclose(localise._pointwise(where, x), expected, atol=1e-5)

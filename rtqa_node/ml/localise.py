@@ -248,9 +248,9 @@ def initialise_attention(encoder: nn.Module, findings: list[Finding], cohort: Co
             pos.append((np.asarray(f.centre) + 1.5 * f.sigma * rng.standard_normal((4000, 3))).astype(np.float32))
             reg.append(np.full(4000, r))
     pos_t, reg_t = torch.as_tensor(np.concatenate(pos)), torch.as_tensor(np.concatenate(reg))
-    inputs = torch.cat([pos_t, nn.functional.one_hot(reg_t, R).float()], dim=-1)[:, :, None, None, None]
+    inputs = torch.cat([pos_t, nn.functional.one_hot(reg_t, R).float()], dim=-1)  # (S, 3 + R)
     with torch.no_grad():
-        target = where(inputs).flatten(1).clone()  # (S, K): other branches keep what they have
+        target = _pointwise(where, inputs).clone()  # (S, K): other branches keep what they have
     for f in findings:
         k = TASKS.index(f.task)
         in_family = torch.as_tensor(np.isin(reg_t.numpy(), f.regions))
@@ -263,9 +263,20 @@ def initialise_attention(encoder: nn.Module, findings: list[Finding], cohort: Co
     opt = torch.optim.Adam(where.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
-        loss = nn.functional.mse_loss(where(inputs).flatten(1), target)
+        loss = nn.functional.mse_loss(_pointwise(where, inputs), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
     return float(loss.item())
+
+
+def _pointwise(network: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """A stack of 1x1x1 convolutions and activations applied to points (S, C_in) -> (S, C_out): the same
+    parameters as a matrix product, ~10x faster than Conv3d on (S, C, 1, 1, 1)."""
+    for layer in network:
+        if isinstance(layer, nn.Conv3d):
+            x = nn.functional.linear(x, layer.weight.flatten(1), layer.bias)
+        else:
+            x = layer(x)
+    return x
