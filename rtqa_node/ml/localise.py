@@ -28,7 +28,7 @@ then refines both from there.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -61,9 +61,6 @@ class ScanConfig:
     min_validation_gain: float = 3.0  # nats of validation deviance over the whole-organ mean alone
     voxel_stride: int = 2  # rows and columns of each patch subsampled for the scan (the kernel is smooth)
     region_prior: float = 3.0  # added to the found family's region score in the branch's region prior
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -149,10 +146,9 @@ def _logistic_deviance(features: torch.Tensor, y: torch.Tensor, *, iters: int = 
                        ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Many small logistic regressions at once: features (P, M, F) (intercept added here), y (P,) in {0, 1}
     -> weights (M, F + 1) and training deviance (M,) (2 x negative log-likelihood)."""
-    P, M, _ = features.shape
-    X = torch.cat([torch.ones(P, M, 1, dtype=torch.float64), features.double()], dim=-1)
+    X = _with_intercept(features)
     y = y.double()[:, None]
-    w = torch.zeros(M, X.shape[-1], dtype=torch.float64)
+    w = torch.zeros(X.shape[1], X.shape[-1], dtype=torch.float64)
     eye = torch.eye(X.shape[-1], dtype=torch.float64)
     for _ in range(iters):
         p = torch.sigmoid((X * w[None]).sum(-1))
