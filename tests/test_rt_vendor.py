@@ -264,3 +264,21 @@ def test_cumulative_dvh_is_monotone_non_increasing(samples):
     centres, vol = dvh.differential()
     # each sample is spread over its dose interval (clipped at 0 Gy): the mean moves by at most half a spread
     assert abs(float(np.dot(centres, vol) / vol.sum()) - mean) < 0.05 + 0.01 * mean + s.max() / 2
+
+
+def test_an_unchanged_study_is_read_once_and_a_changed_file_is_read_again(rt_data, tmp_path):
+    import os
+
+    folder = tmp_path / "study"
+    shutil.copytree(rt_data / "eclipse-breast-boost-dicompyler", folder)
+    files = dicom_files(folder)
+    first = load_plan_study(files)
+    assert load_plan_study(list(reversed(files))) is first  # same files, any order: the kept study
+    st = files[0].stat()
+    os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    again = load_plan_study(files)
+    assert again is not first
+    assert [s.name for s in again.structure_set.structures] == [s.name for s in first.structure_set.structures]
+    files[-1].unlink()  # a missing file is reported as before (skipped as unreadable), not hidden by the cache
+    partial = load_plan_study(files)
+    assert partial is not again and any(p == files[-1] for p, _ in partial.skipped_files)

@@ -643,16 +643,40 @@ def dicom_files(folder: Path) -> list[Path]:
 def load_plan_study(paths: Iterable[Path]) -> PlanStudy:
     """Read DICOM files into a :class:`PlanStudy` (CT pixels are decoded lazily).
 
+    The last study loaded is kept, keyed by every file's path, device, inode, size and modification time: the
+    worker's review, predictions and report of one revision read the files once (0.12 s of 1.6 s per 80-slice
+    study with predictions on this VM, three times before). A study is immutable (frozen dataclasses; nothing
+    writes into its arrays), so sharing it is safe; a file replaced or touched gives a fresh load.
+
     Raises:
         InputError: no readable DICOM-RT object among ``paths``, or an object that cannot be used (e.g. a dose
             grid whose frame offsets do not match its frames), or a CT/RT object stored as a Part 10 file whose
             data set fails the store's structural check (truncated, bad length, missing delimiter).
     """
+    files = sorted(Path(p) for p in paths)
+    try:
+        key = tuple((str(p), *_identity(p)) for p in files)
+    except OSError:
+        return _load_plan_study(files)  # a missing file: no key; the load reports it
+    return _load_unchanged(key)
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=1)
+def _load_unchanged(key: tuple[tuple[str, int, int, int, int], ...]) -> PlanStudy:
+    return _load_plan_study([Path(k[0]) for k in key])
+
+
+def _load_plan_study(files: list[Path]) -> PlanStudy:
     seen_digests: dict[str, Path] = {}
     seen_uids: dict[str, Path] = {}
     cts: dict[str, list[tuple[Path, Dataset]]] = {}
     structure_sets, plans, doses, skipped = [], [], [], []
-    for path in sorted(Path(p) for p in paths):
+    for path in files:
         try:
             header = pydicom.dcmread(path, force=True, stop_before_pixels=True)
             sop_class = str(header.get("SOPClassUID", ""))
