@@ -211,6 +211,9 @@ class Worker:
                 log.warning("job_lease_lost", extra=extra)
         finally:
             beat.stop()
+            from rtqa_node.rt.plan_study import forget_loaded
+
+            forget_loaded()  # the revision's study was shared by its review and report; do not hold it idle
         return job
 
     # -- review ----------------------------------------------------------------------------------------

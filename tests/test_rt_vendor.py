@@ -282,3 +282,7 @@ def test_an_unchanged_study_is_read_once_and_a_changed_file_is_read_again(rt_dat
     files[-1].unlink()  # a missing file is reported as before (skipped as unreadable), not hidden by the cache
     partial = load_plan_study(files)
     assert partial is not again and any(p == files[-1] for p, _ in partial.skipped_files)
+    from rtqa_node.rt.plan_study import forget_loaded
+
+    forget_loaded()  # what the worker does after each job
+    assert load_plan_study(files) is not partial

@@ -666,6 +666,11 @@ def _identity(path: Path) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def forget_loaded() -> None:
+    """Drop the kept study (the worker calls this after each job, so an idle worker holds no CT in memory)."""
+    _load_unchanged.cache_clear()
+
+
 @functools.lru_cache(maxsize=1)
 def _load_unchanged(key: tuple[tuple[str, int, int, int, int], ...]) -> PlanStudy:
     return _load_plan_study([Path(k[0]) for k in key])
