@@ -177,12 +177,13 @@ def scan(cohort: Cohort, train_idx: np.ndarray, val_idx: np.ndarray,
     """The best (family, centre, sigma) per binary endpoint, where one passes the validation check."""
     events = {t: cohort.events[:, k] for k, t in enumerate(BINARY_TARGETS)}
     best: dict[str, tuple[float, Finding]] = {}
+    coarse = _grid(np.full(3, -config.extent), np.full(3, config.extent), config.coarse_step)
     for regions in organ_families():
         train_vox = _family_voxels(cohort, train_idx, regions, config.voxel_stride)
         val_vox = _family_voxels(cohort, val_idx, regions, config.voxel_stride)
         if train_vox is None or val_vox is None:
             continue
-        coarse = _grid(np.full(3, -config.extent), np.full(3, config.extent), config.coarse_step)
+        mean_train, mean_val = train_vox.mean_dose(), val_vox.mean_dose()
         coarse_doses = {sigma: train_vox.kernel_doses(coarse, sigma, len(regions)) for sigma in config.sigmas}
         for task, y_all in events.items():
             ok_t = ~np.isnan(y_all[train_idx]) & train_vox.present
@@ -190,7 +191,7 @@ def scan(cohort: Cohort, train_idx: np.ndarray, val_idx: np.ndarray,
             if ok_t.sum() < 20 or len(np.unique(y_all[train_idx][ok_t])) < 2:
                 continue
             yt, yv = torch.as_tensor(y_all[train_idx][ok_t]), torch.as_tensor(y_all[val_idx][ok_v])
-            mt, mv = train_vox.mean_dose()[ok_t], val_vox.mean_dose()[ok_v]
+            mt, mv = mean_train[ok_t], mean_val[ok_v]
             w0, dev0 = _logistic_deviance(mt[:, None, None], yt)
             dev0_val = _deviance(_with_intercept(mv[:, None, None]), w0, yv[:, None].double())
             candidates = []
@@ -207,7 +208,7 @@ def scan(cohort: Cohort, train_idx: np.ndarray, val_idx: np.ndarray,
                                     yv[:, None].double())
                 candidates.append((float(devf[j]), sigma, fine[j], float(dev0[0] - devf[j]) / 2,
                                    float(dev0_val[0] - dev_val[0]) / 2))
-            dev, sigma, centre, gain_t, gain_v = min(candidates, key=lambda t: t[0])
+            _, sigma, centre, gain_t, gain_v = min(candidates, key=lambda t: t[0])
             finding = Finding(task, regions, tuple(float(x) for x in centre), sigma, gain_t, gain_v)
             log.info("ml_scan", extra={k: v for k, v in finding.to_dict().items() if k != "task"} | {"target": task})
             if gain_v >= config.min_validation_gain and (task not in best or gain_t > best[task][0]):
