@@ -1,6 +1,6 @@
 """Dose-response scan (ml.localise): on a toy cohort whose xerostomia events depend on the dose inside a small
 planted blob of the parotids, the scan finds the parotids and the blob's position, rejects an endpoint whose
-events are noise, and the initialised position attention puts most of the branch's mass on the blob."""
+events are noise, and the focused branch puts most of its mass on the blob."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rtqa_node.ml import localise
 from rtqa_node.ml.bags import PATCH_FEATURES, PATCH_SHAPE, SPATIAL_CHANNELS, SPATIAL_ORGANS
 from rtqa_node.ml.dataset import DVH_COLUMNS, Cohort
 from rtqa_node.ml.mil import TASKS
-from rtqa_node.ml.spatial import SpatialConfig, SpatialEncoder
+from rtqa_node.ml.spatial import SpatialConfig, SpatialEncoder, organ_frame_positions
 from rtqa_node.ml.train import split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -76,50 +76,98 @@ def toy():
     return cohort, train_idx, val_idx, localise.scan(cohort, train_idx, val_idx)
 
 
+def _organ_spread(cohort: Cohort) -> np.ndarray:
+    """Per axis, the RMS organ-relative position over the toy's organ voxels (the organ frame's unit)."""
+    pos = np.moveaxis(cohort.spa_voxels[:, :, 3:6].astype(np.float64), 2, -1).reshape(-1, 3)
+    return np.sqrt((pos ** 2).mean(0))
+
+
 def test_scan_finds_the_planted_blob_and_rejects_noise(toy):
-    _, _, _, findings = toy
+    cohort, _, _, findings = toy
     by_task = {f.task: f for f in findings}
     assert set(by_task) == {"xerostomia_severe"}, [f.to_dict() for f in findings]  # dysphagia is noise here
     f = by_task["xerostomia_severe"]
     assert [SPATIAL_ORGANS[r] for r in f.regions] == ["Parotid_L", "Parotid_R"]
-    assert np.linalg.norm(np.asarray(f.centre) - BLOB_CENTRE) <= 0.15, f.to_dict()
+    found = np.asarray(f.centre) * _organ_spread(cohort)  # the organ frame back to organ-relative units
+    assert np.linalg.norm(found - BLOB_CENTRE) <= 0.15, (f.to_dict(), found)
     assert f.validation_gain >= localise.ScanConfig().min_validation_gain
 
 
-def test_initialised_attention_puts_the_branch_mass_on_the_blob(toy):
-    cohort, train_idx, _, findings = toy
-    torch.manual_seed(0)
-    encoder = SpatialEncoder(SpatialConfig())
-    idx = np.arange(20)
-    batch = [torch.as_tensor(a[idx]) for a in (cohort.spa_voxels.astype(np.float32), cohort.spa_features,
-                                                cohort.spa_region, cohort.spa_mask)]
-    blob = torch.as_tensor(cohort.subregion[idx].reshape(len(idx), cohort.subregion.shape[1], -1) > 0)
-    branch = TASKS.index("xerostomia_severe")
+def _batch(cohort: Cohort, idx: np.ndarray) -> list[torch.Tensor]:
+    return [torch.as_tensor(a[idx]) for a in (cohort.spa_voxels.astype(np.float32), cohort.spa_features,
+                                               cohort.spa_region, cohort.spa_mask)]
 
-    def mass_on_blob() -> float:
+
+def test_focused_branch_puts_its_mass_on_the_blob_and_leaves_the_others(toy):
+    cohort, _, _, findings = toy
+    torch.manual_seed(0)
+    encoder = SpatialEncoder(SpatialConfig()).eval()  # no dropout: outputs comparable between calls
+    idx = np.arange(20)
+    batch = _batch(cohort, idx)
+    blob = torch.as_tensor(cohort.subregion[idx].reshape(len(idx), cohort.subregion.shape[1], -1) > 0)
+    xer, dys = TASKS.index("xerostomia_severe"), TASKS.index("dysphagia_severe")
+
+    def mass_on_blob(branch: int) -> float:
         with torch.no_grad():
             _, out = encoder(*batch)
         return float((out.voxel_attention[:, branch] * blob).sum((1, 2)).mean())
 
-    before = mass_on_blob()
-    mse = localise.initialise_attention(encoder, findings, cohort, train_idx)
-    after = mass_on_blob()
+    before = mass_on_blob(xer), mass_on_blob(dys)
+    localise.focus(encoder, findings)
     share = float(blob.float().mean())  # the blob's share of the voxels: uniform attention's mass on it
-    assert before < 2 * share
-    assert after > 0.5 and after > 4 * share, (before, after, share, mse)
-    # the other branches' scores were kept
+    assert before[0] < 2 * share
+    assert mass_on_blob(xer) > 0.5 and mass_on_blob(xer) > 4 * share, (before, mass_on_blob(xer), share)
+    assert mass_on_blob(dys) == pytest.approx(before[1], abs=1e-6)  # an unfocused branch is unchanged
+    # the focus is part of the saved state: a fresh encoder loading it attends the same way
+    again = SpatialEncoder(SpatialConfig()).eval()
+    again.load_state_dict(encoder.state_dict())
     with torch.no_grad():
-        _, out = encoder(*batch)
-    dys = TASKS.index("dysphagia_severe")
-    assert float((out.voxel_attention[:, dys] * blob).sum((1, 2)).mean()) < 2 * share
+        a, b = encoder(*batch)[1].voxel_attention[:, xer], again(*batch)[1].voxel_attention[:, xer]
+    assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_no_finding_leaves_the_encoder_unchanged(toy):
-    cohort, train_idx, _, _ = toy
+def test_focused_branch_attends_to_its_organs_only_and_falls_back_without_them():
+    torch.manual_seed(0)
+    encoder = SpatialEncoder(SpatialConfig()).eval()
+    parotids = (SPATIAL_ORGANS.index("Parotid_L"), SPATIAL_ORGANS.index("Parotid_R"))
+    encoder.set_focus(TASKS.index("xerostomia_severe"), parotids, (0.0, 0.0, 0.0), 0.5)
+    voxels = torch.rand(2, 4, len(SPATIAL_CHANNELS), Z, Y, X) - 0.5
+    voxels[:, :, 2] = 1.0
+    region = torch.tensor([[0, 1, 4, 5], [4, 5, 6, 6]])  # patient 1 has no parotid
+    features = torch.zeros(2, 4, len(PATCH_FEATURES))
+    with torch.no_grad():
+        _, out = encoder(voxels, features, region, torch.ones(2, 4, dtype=torch.bool))
+    ra = out.region_attention[:, TASKS.index("xerostomia_severe")]
+    assert float(ra[0, list(parotids)].sum()) == pytest.approx(1.0, abs=1e-6)
+    assert float(ra[1].sum()) == pytest.approx(1.0, abs=1e-6) and float(ra[1, [4, 5, 6]].sum()) > 0.99
+    verdict = out.region_attention[0, TASKS.index("qa_verdict")]
+    assert float(verdict[[4, 5]].sum()) > 0.0  # other branches still see every organ
+
+
+def test_focus_needs_position_attention_in_the_organ_frame():
+    for config in (SpatialConfig(voxel_attention="content"), SpatialConfig(position_frame="mm")):
+        with pytest.raises(ValueError, match="focus needs"):
+            SpatialEncoder(config).set_focus(1, (0, 1), (0.0, 0.0, 0.0), 0.3)
+
+
+def test_no_finding_leaves_the_encoder_unchanged():
     encoder = SpatialEncoder(SpatialConfig())
     state = {k: v.clone() for k, v in encoder.state_dict().items()}
-    assert np.isnan(localise.initialise_attention(encoder, [], cohort, train_idx))
+    localise.focus(encoder, [])
     assert all(torch.equal(state[k], v) for k, v in encoder.state_dict().items())
+
+
+def test_organ_frame_does_not_depend_on_the_organ_size(toy):
+    """A gland twice as large (positions x 2) is the same gland in the organ frame; the spread is per axis."""
+    cohort, *_ = toy
+    voxels, _, region, mask = _batch(cohort, np.arange(3))
+    larger = voxels.clone()
+    larger[:, :, 3:6] *= torch.tensor([2.0, 1.5, 3.0])[:, None, None, None]
+    a, b = organ_frame_positions(voxels, region, mask), organ_frame_positions(larger, region, mask)
+    assert torch.allclose(a, b, atol=1e-5)
+    inside = voxels[:, :, 2] > 0  # (B, N, Z, Y, X)
+    rms = torch.sqrt((a.permute(0, 1, 3, 4, 5, 2)[inside] ** 2).mean(0))
+    assert torch.allclose(rms, torch.ones(3), atol=1e-4)
 
 
 def test_organ_families_pair_left_and_right():
@@ -129,7 +177,7 @@ def test_organ_families_pair_left_and_right():
     assert sorted(i for f in families for i in f) == list(range(len(SPATIAL_ORGANS)))
 
 
-def test_training_starts_the_spatial_attention_from_the_scan(toy):
+def test_training_focuses_the_spatial_attention_where_the_scan_found(toy):
     from rtqa_node.ml.train import TrainConfig, train
 
     cohort, *_ = toy
@@ -137,13 +185,10 @@ def test_training_starts_the_spatial_attention_from_the_scan(toy):
     model = train(cohort, TrainConfig(**config), name="spatial")
     assert [f["task"] for f in model.record["localisation"]] == ["xerostomia_severe"]
     assert model.record["localisation"][0]["organs"] == ["Parotid_L", "Parotid_R"]
+    branch = TASKS.index("xerostomia_severe")
+    encoder = model.module.encoder
+    assert float(encoder.focus_sigma[branch]) == pytest.approx(model.record["localisation"][0]["sigma"])
+    assert torch.allclose(encoder.focus_centre[branch], torch.tensor(model.record["localisation"][0]["centre"]),
+                          atol=1e-3)  # kept through training: a buffer, not a parameter
     plain = train(cohort, TrainConfig(**config, localise=False), name="spatial")
     assert plain.record["localisation"] is None
-
-
-def test_pointwise_evaluation_matches_the_convolutions():
-    torch.manual_seed(1)
-    where = SpatialEncoder(SpatialConfig()).where
-    x = torch.randn(50, where[0].in_channels)
-    expected = where(x[:, :, None, None, None]).flatten(1)
-    assert torch.allclose(localise._pointwise(where, x), expected, atol=1e-5)

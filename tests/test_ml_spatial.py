@@ -10,8 +10,8 @@ import torch
 
 from rtqa_node.ml.bags import PATCH_FEATURES, PATCH_SHAPE, SPATIAL_CHANNELS
 from rtqa_node.ml.evaluate import auc
-from rtqa_node.ml.mil import TASKS
-from rtqa_node.ml.spatial import SpatialConfig, SpatialMil, attention_entropy
+from rtqa_node.ml.mil import LOGITS, TASKS
+from rtqa_node.ml.spatial import DoseResponse, SpatialConfig, SpatialMil, attention_entropy
 from rtqa_node.ml.train import TrainConfig, entropy_weight
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -105,8 +105,13 @@ def test_spatial_mil_learns_a_planted_subregion_and_its_risk_map_concentrates_th
     assert inside > 0.7
 
 
-def test_entropy_prior_from_the_first_epoch_collapses_position_attention():
-    """Why train.py warms up: with the prior from epoch 0 the anatomy-driven attention concentrates before the
-    outcome has shaped it, and the model learns nothing."""
+def test_dose_response_term_keeps_attention_from_collapsing_under_an_early_entropy_prior(monkeypatch):
+    """With the entropy prior from epoch 0, the attention concentrates before the outcome has shaped it, unless
+    the logit reads the attention-pooled dose directly (spatial.DoseResponse): that gives the voxel attention a
+    gradient towards the voxels whose dose carries the signal from the first step. (train.py still warms the
+    prior up: the fused model's heads see the tabular encoder too.)"""
+    _, inside = _train_on_toy(lambda epoch: 0.05)
+    assert inside > 0.7
+    monkeypatch.setattr(DoseResponse, "forward", lambda self, pooled: pooled.new_zeros(pooled.shape[0], LOGITS))
     _, inside = _train_on_toy(lambda epoch: 0.05)
     assert inside < 0.2

@@ -1,6 +1,6 @@
 """Late fusion of the tabular and spatial bag embeddings, per task branch: z_k = MLP([z_tab_k ; z_spatial_k]),
-then the task heads. Both encoders keep their own attention, so the fused model explains itself with both the
-top organs/metrics and the risk map."""
+then the task heads, plus the spatial encoder's dose-response term (``spatial.DoseResponse``). Both encoders keep
+their own attention, so the fused model explains itself with both the top organs/metrics and the risk map."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from rtqa_node.ml.mil import TabularConfig, TabularEncoder, TaskHeads
-from rtqa_node.ml.spatial import SpatialConfig, SpatialEncoder, SpatialOutput
+from rtqa_node.ml.spatial import DoseResponse, SpatialConfig, SpatialEncoder, SpatialOutput
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,10 @@ class FusedMil(nn.Module):
         self.spatial = SpatialEncoder(spatial)
         self.fuse = nn.Sequential(nn.Linear(self.tabular.dim + self.spatial.dim, hidden), nn.ReLU())
         self.heads = TaskHeads(hidden)
+        self.dose_response = DoseResponse()  # on the spatial encoder's pooled dose (spatial.DoseResponse)
 
     def forward(self, x, name_index, tab_mask, voxels, features, region, spa_mask) -> FusedOutput:
         zt, at = self.tabular(x, name_index, tab_mask)  # (B, K, Dt), (B, K, Nt)
         zs, so = self.spatial(voxels, features, region, spa_mask)  # (B, K, Ds)
         z = self.fuse(torch.cat([zt, zs], dim=-1))  # (B, K, H)
-        return FusedOutput(self.heads(z), at, so)
+        return FusedOutput(self.heads(z) + self.dose_response(so.pooled_dose), at, so)

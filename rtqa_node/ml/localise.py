@@ -1,28 +1,25 @@
-"""Dose-response scan: where inside an organ does dose predict an outcome? The starting point of the spatial
-model's attention.
+"""Dose-response scan: where inside an organ does dose predict an outcome? The spatial model's focus.
 
-Why a scan first. Learning *where* to look from outcomes alone, by gradient descent from uniform attention, is
-slow and gets trapped: the first gradients favour whatever part of an organ has the largest dose variance,
-not the part whose dose carries the signal. Measured on the synthetic cohort (1,200 patients, parotid voxels
-only, attention-weighted dose plus the gland mean in a logistic head): from uniform attention the xerostomia
-attention moved to the cranial-posterior gland and held 0.5 % of its mass in the planted sub-region after 500
-steps; with the (noise-free) oracle probabilities as labels it did reach the sub-region, slowly. A scan
-evaluates every candidate location at once, in the spirit of voxel-based dose-response analysis:
+Why a scan. Learning *where* to look from outcomes alone, by gradient descent from uniform attention, is slow
+and gets trapped: the first gradients favour whatever part of an organ has the largest dose variance, not the
+part whose dose carries the signal. Measured on the synthetic cohort (1,200 patients, parotid voxels only,
+attention-weighted dose plus the gland mean in a logistic head): from uniform attention the xerostomia attention
+moved to the cranial-posterior gland and held 0.5 % of its mass in the planted sub-region after 500 steps; with
+the (noise-free) oracle probabilities as labels it did reach the sub-region, slowly. A scan evaluates every
+candidate location at once, in the spirit of voxel-based dose-response analysis:
 
 1. for each organ family (left and right organs share one mirrored frame, as in ``bags.spatial_bag``) and each
-   centre c on a grid of organ-relative positions, each patient's kernel-weighted mean dose
-   z_c = sum_v K(v, c) d_v / sum_v K(v, c) inside each organ (Gaussian K, width sigma), averaged over the
-   family's organs;
+   centre c on a grid of positions in the organ frame (``spatial.organ_frame_positions``: per axis, in units of
+   the organ's own spread), each patient's kernel-weighted mean dose z_c = sum_v K(v, c) d_v / sum_v K(v, c)
+   inside each organ (Gaussian K, width sigma), averaged over the family's organs;
 2. per binary endpoint, logistic regression of the events on [whole-organ mean dose, z_c] (Newton, training
    patients only), one model per (c, sigma), coarse grid then a finer one around the best;
 3. the best centre is kept only when it also lowers the deviance on the validation patients by at least
    ``ScanConfig.min_validation_gain`` nats over the mean dose alone (likelihood-ratio p < 0.05 for one added
-   parameter at 1.92; default 3): otherwise that branch keeps uniform attention.
+   parameter at 1.92; default 3): otherwise that branch keeps its learned position attention.
 
-:func:`initialise_attention` then writes each finding into a ``SpatialEncoder``: the branch's voxel score
-("where" network) is fitted to the kernel's log, -|p - c|^2 / (2 sigma^2), on that family's voxels (0 on the
-others, where the per-region softmax stays uniform), and the branch's region prior favours the family. Training
-then refines both from there.
+:func:`focus` writes each finding into a ``SpatialEncoder`` as a fixed focus (``SpatialEncoder.set_focus``):
+the branch's voxel attention becomes the kernel and its region attention the family's organs.
 """
 
 from __future__ import annotations
@@ -37,11 +34,11 @@ from torch import nn
 from rtqa_node.ml.bags import SPATIAL_CHANNELS, SPATIAL_ORGANS
 from rtqa_node.ml.dataset import Cohort
 from rtqa_node.ml.mil import BINARY_TARGETS, TASKS
+from rtqa_node.ml.spatial import organ_frame_positions
 
 log = logging.getLogger(__name__)
 
 DOSE, ORGAN = SPATIAL_CHANNELS.index("dose"), SPATIAL_CHANNELS.index("organ")
-POSITION = tuple(SPATIAL_CHANNELS.index(c) for c in ("z", "y", "lateral"))
 
 
 def organ_families() -> list[tuple[int, ...]]:
@@ -54,13 +51,13 @@ def organ_families() -> list[tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class ScanConfig:
-    sigmas: tuple[float, ...] = (0.1, 0.2)  # kernel widths, organ-relative units (bags.POSITION_SCALE_MM)
-    extent: float = 0.75  # coarse grid: -extent..extent on each axis
-    coarse_step: float = 0.25
-    fine_step: float = 0.1  # then a 5x5x5 grid at this step around the coarse optimum (covers a coarse step)
+    # organ-frame units (an organ's spread per axis; an ellipsoid's semi-axis is sqrt(5) ~ 2.2 of them)
+    sigmas: tuple[float, ...] = (0.3, 0.5)  # kernel widths
+    extent: float = 1.5  # coarse grid: -extent..extent on each axis
+    coarse_step: float = 0.5
+    fine_step: float = 0.25  # then a 5x5x5 grid at this step around the coarse optimum (covers a coarse step)
     min_validation_gain: float = 3.0  # nats of validation deviance over the whole-organ mean alone
     voxel_stride: int = 2  # rows and columns of each patch subsampled for the scan (the kernel is smooth)
-    region_prior: float = 3.0  # added to the found family's region score in the branch's region prior
 
 
 @dataclass(frozen=True)
@@ -123,22 +120,26 @@ def _family_voxels(cohort: Cohort, index: np.ndarray, regions: tuple[int, ...], 
     for i in index:
         sel = cohort.spa_mask[i] & np.isin(cohort.spa_region[i], regions)
         if not sel.any():  # the patient has none of the family's organs
-            rows.append((np.zeros((0, len(SPATIAL_CHANNELS)), np.float32), np.zeros(0, np.int64)))
+            rows.append((np.zeros((0,), np.float32),) * 2 + (np.zeros((0, 3), np.float32), np.zeros(0, np.int64)))
             continue
+        voxels = torch.as_tensor(cohort.spa_voxels[i][None], dtype=torch.float32)
+        frame = organ_frame_positions(voxels, torch.as_tensor(cohort.spa_region[i][None]),
+                                      torch.as_tensor(cohort.spa_mask[i][None]))[0].numpy()  # (N, 3, Z, Y, X)
         v = cohort.spa_voxels[i][sel][..., ::stride, ::stride].astype(np.float32)  # (n, C, Z, Y', X')
+        pos = frame[sel][..., ::stride, ::stride]  # (n, 3, Z, Y', X')
         slot = np.searchsorted(regions, cohort.spa_region[i][sel])
-        v = v.reshape(len(v), v.shape[1], -1).transpose(0, 2, 1)  # (n, V, C)
-        inside = v[..., ORGAN] > 0
-        rows.append((v[inside], np.repeat(slot[:, None], v.shape[1], 1)[inside]))
+        inside = v[:, ORGAN] > 0  # (n, Z, Y', X')
+        rows.append((v[:, DOSE][inside], v[:, ORGAN][inside], np.moveaxis(pos, 1, -1)[inside],
+                     np.broadcast_to(slot[:, None, None, None], inside.shape)[inside]))
     width = max((len(r[0]) for r in rows), default=0)
     if width == 0:
         return None
     P = len(rows)
     dose, weight = np.zeros((P, width), np.float32), np.zeros((P, width), np.float32)
     position, slot = np.zeros((P, width, 3), np.float32), np.zeros((P, width), np.int64)
-    for i, (v, s) in enumerate(rows):
-        n = len(v)
-        dose[i, :n], weight[i, :n], position[i, :n], slot[i, :n] = v[:, DOSE], v[:, ORGAN], v[:, list(POSITION)], s
+    for i, (d, w, x, s) in enumerate(rows):
+        n = len(d)
+        dose[i, :n], weight[i, :n], position[i, :n], slot[i, :n] = d, w, x, s
     return _FamilyVoxels(*(torch.as_tensor(a) for a in (dose, position, slot, weight)))
 
 
@@ -216,64 +217,7 @@ def scan(cohort: Cohort, train_idx: np.ndarray, val_idx: np.ndarray,
     return [f for _, f in best.values()]
 
 
-def initialise_attention(encoder: nn.Module, findings: list[Finding], cohort: Cohort, index: np.ndarray, *,
-                         config: ScanConfig = ScanConfig(), steps: int = 2000, seed: int = 0) -> float:
-    """Fit the position-attention ("where") network of a ``SpatialEncoder`` so that each finding's branch
-    scores voxels by the kernel's log on its family's organs (0 elsewhere; other branches keep their initial
-    scores, fitted as targets too), and raise the branch's region prior on that family. -> final fit MSE."""
-    where = getattr(encoder, "where", None)
-    if where is None or not findings:
-        return float("nan")
-    rng = np.random.default_rng([seed, 17])
-    R = len(SPATIAL_ORGANS)
-    # inputs as the encoder builds them: organ-relative position + the region one-hot, sampled from real bags
-    pats = rng.choice(index, size=min(len(index), 100), replace=False)
-    pos, reg = [], []
-    for i in pats:
-        sel = cohort.spa_mask[i]
-        v = cohort.spa_voxels[i][sel].astype(np.float32)
-        inside = v[:, ORGAN] > 0  # (n, Z, Y, X)
-        p = np.moveaxis(v[:, list(POSITION)], 1, -1)[inside]  # (m, 3)
-        r = np.broadcast_to(cohort.spa_region[i][sel][:, None, None, None], inside.shape)[inside]
-        take = rng.choice(len(p), size=min(len(p), 300), replace=False)
-        pos.append(p[take])
-        reg.append(r[take])
-    # and, so that the fit resolves each kernel's peak (a few voxels among thousands), as many points again
-    # drawn around each finding's centre in each of its family's organs
+def focus(encoder: nn.Module, findings: list[Finding]) -> None:
+    """Fix each finding's branch of a ``SpatialEncoder`` on its kernel and organs (``set_focus``)."""
     for f in findings:
-        for r in f.regions:
-            pos.append((np.asarray(f.centre) + 1.5 * f.sigma * rng.standard_normal((4000, 3))).astype(np.float32))
-            reg.append(np.full(4000, r))
-    pos_t, reg_t = torch.as_tensor(np.concatenate(pos)), torch.as_tensor(np.concatenate(reg))
-    inputs = torch.cat([pos_t, nn.functional.one_hot(reg_t, R).float()], dim=-1)  # (S, 3 + R)
-    with torch.no_grad():
-        target = _pointwise(where, inputs).clone()  # (S, K): other branches keep what they have
-    for f in findings:
-        k = TASKS.index(f.task)
-        in_family = torch.as_tensor(np.isin(reg_t.numpy(), f.regions))
-        d2 = ((pos_t - torch.as_tensor(f.centre)) ** 2).sum(-1)
-        # the kernel's log, floored where its weight is negligible (e^-12 ~ 6e-6) to keep the fit's range small
-        target[:, k] = torch.where(in_family, (-d2 / (2 * f.sigma ** 2)).clamp(min=-12.0), torch.zeros_like(d2))
-        with torch.no_grad():
-            encoder.region_bias[k, list(f.regions)] += config.region_prior
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(where.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
-        loss = nn.functional.mse_loss(_pointwise(where, inputs), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return float(loss.item())
-
-
-def _pointwise(network: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """A stack of 1x1x1 convolutions and activations applied to points (S, C_in) -> (S, C_out): the same
-    parameters as a matrix product, ~10x faster than Conv3d on (S, C, 1, 1, 1)."""
-    for layer in network:
-        if isinstance(layer, nn.Conv3d):
-            x = nn.functional.linear(x, layer.weight.flatten(1), layer.bias)
-        else:
-            x = layer(x)
-    return x
+        encoder.set_focus(TASKS.index(f.task), f.regions, f.centre, f.sigma)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rtqa_node.errors import ConfigError
 from rtqa_node.ml import localise
 from rtqa_node.ml.dataset import Cohort
 from rtqa_node.ml.fusion import FusedMil
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 MODEL_KINDS = ("tabular", "tabular_mean", "spatial", "fused")
 WEIGHTS_NAME = "model.pt"
 CONFIG_NAME = "config.json"
-MODEL_VERSION = "1"
+MODEL_VERSION = "2"  # 2: spatial focus buffers, organ position frame, DoseResponse
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ class TrainConfig:
     #: the attention collapse onto any few voxels before the outcome has shaped it (toy test: 0 % of the mass
     #: in the planted sub-region with the prior from epoch 0, 100 % with a 6-epoch warm-up)
     attention_entropy_warmup: int = 6
-    #: spatial and fused models trained without a spatial init: start the position attention from a
-    #: dose-response scan of the training patients (``ml.localise``)
+    #: spatial and fused models trained without a spatial init: fix the branches where a dose-response scan of
+    #: the training patients finds a sub-organ dose-response on that location (``ml.localise``)
     localise: bool = True
     threads: int = 1
     tabular: TabularConfig = field(default_factory=TabularConfig)
@@ -184,6 +185,9 @@ class TrainedModel:
     @classmethod
     def load(cls, folder: Path, device: torch.device | None = None) -> TrainedModel:
         blob = torch.load(Path(folder) / WEIGHTS_NAME, map_location=device or "cpu", weights_only=True)
+        if blob.get("model_version") != MODEL_VERSION:
+            raise ConfigError(f"{folder}: weights of model version {blob.get('model_version')}, this code reads "
+                             f"version {MODEL_VERSION}: retrain them (models/README.md)")
         config = TrainConfig.from_dict(blob["config"])
         module = build_model(config)
         module.load_state_dict(blob["state_dict"])
@@ -219,13 +223,14 @@ def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
             if trained.config.seed != config.seed:
                 raise ValueError(f"init model {kind} used split seed {trained.config.seed}, not {config.seed}")
             getattr(model, kind).load_state_dict(trained.module.encoder.state_dict())
+            if kind == "spatial":  # its focus came with the encoder's buffers; its dose-response slopes too
+                model.dose_response.load_state_dict(trained.module.dose_response.state_dict())
             initialised.append(kind)
         localisation = None
         if (config.localise and config.model in ("spatial", "fused") and "spatial" not in initialised
-                and config.spatial.voxel_attention == "position"):
+                and config.spatial.voxel_attention == "position" and config.spatial.position_frame == "organ"):
             findings = localise.scan(cohort, train_idx, val_idx)
-            encoder = model.spatial if config.model == "fused" else model.encoder
-            localise.initialise_attention(encoder, findings, cohort, train_idx, seed=config.seed)
+            localise.focus(model.spatial if config.model == "fused" else model.encoder, findings)
             localisation = [f.to_dict() for f in findings]
         model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -320,10 +325,10 @@ def write_model_card(model: TrainedModel, folder: Path, evaluation: dict | None 
     if r.get("localisation"):
         found = "; ".join(f"{f['task']}: {'/'.join(f['organs'])} at {f['centre']} (sigma {f['sigma']}, validation "
                           f"gain {f['validation_gain_nats']} nats)" for f in r["localisation"])
-        lines.append(f"- Spatial attention started from a dose-response scan of the training patients (`ml.localise`): "
-                     f"{found}.")
+        lines.append(f"- Spatial attention focused by a dose-response scan of the training patients (`ml.localise`; "
+                     f"centre in the organ frame, units of the organ's spread per axis): {found}.")
     elif "spatial" in r.get("initialised_from", []):
-        lines.append("- Spatial encoder started from the trained spatial model (its card says how its attention started).")
+        lines.append("- Spatial encoder started from the trained spatial model (its card says where its attention is focused).")
     lines.append("")
     if evaluation:
         lines += ["## Metrics (held-out synthetic cohort, different seed)", ""]
