@@ -185,12 +185,13 @@ class TrainedModel:
     @classmethod
     def load(cls, folder: Path, device: torch.device | None = None) -> TrainedModel:
         blob = torch.load(Path(folder) / WEIGHTS_NAME, map_location=device or "cpu", weights_only=True)
-        if blob.get("model_version") != MODEL_VERSION:
-            raise ConfigError(f"{folder}: weights of model version {blob.get('model_version')}, this code reads "
-                             f"version {MODEL_VERSION}: retrain them (models/README.md)")
         config = TrainConfig.from_dict(blob["config"])
         module = build_model(config)
-        module.load_state_dict(blob["state_dict"])
+        try:
+            module.load_state_dict(blob["state_dict"])
+        except RuntimeError as exc:  # weights of another model version (a tabular model's did not change)
+            raise ConfigError(f"{folder}: weights of model version {blob.get('model_version')} do not fit this "
+                              f"code's (version {MODEL_VERSION}): retrain them (models/README.md); {exc}") from exc
         module.eval()
         return cls(blob["name"], config, module.to(device or "cpu"), list(blob["temperatures"]), blob["record"])
 
