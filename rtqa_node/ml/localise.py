@@ -115,18 +115,27 @@ class _FamilyVoxels:
         return ((self.dose * w).sum(1) / w.sum(1).clamp(min=1e-9)).double()
 
 
-def _family_voxels(cohort: Cohort, index: np.ndarray, regions: tuple[int, ...], stride: int) -> _FamilyVoxels | None:
+def _organ_frames(cohort: Cohort, index: np.ndarray, stride: int) -> dict[int, np.ndarray]:
+    """Per patient, the organ-frame positions of its patches' voxels, subsampled: (N, 3, Z, Y', X')."""
+    frames = {}
+    for i in index:
+        voxels = torch.as_tensor(cohort.spa_voxels[i][None], dtype=torch.float32)
+        frame = organ_frame_positions(voxels, torch.as_tensor(cohort.spa_region[i][None]),
+                                      torch.as_tensor(cohort.spa_mask[i][None]))[0]
+        frames[int(i)] = frame[..., ::stride, ::stride].numpy()
+    return frames
+
+
+def _family_voxels(cohort: Cohort, index: np.ndarray, regions: tuple[int, ...], stride: int,
+                   frames: dict[int, np.ndarray]) -> _FamilyVoxels | None:
     rows = []
     for i in index:
         sel = cohort.spa_mask[i] & np.isin(cohort.spa_region[i], regions)
         if not sel.any():  # the patient has none of the family's organs
             rows.append((np.zeros((0,), np.float32),) * 2 + (np.zeros((0, 3), np.float32), np.zeros(0, np.int64)))
             continue
-        voxels = torch.as_tensor(cohort.spa_voxels[i][None], dtype=torch.float32)
-        frame = organ_frame_positions(voxels, torch.as_tensor(cohort.spa_region[i][None]),
-                                      torch.as_tensor(cohort.spa_mask[i][None]))[0].numpy()  # (N, 3, Z, Y, X)
         v = cohort.spa_voxels[i][sel][..., ::stride, ::stride].astype(np.float32)  # (n, C, Z, Y', X')
-        pos = frame[sel][..., ::stride, ::stride]  # (n, 3, Z, Y', X')
+        pos = frames[int(i)][sel]  # (n, 3, Z, Y', X')
         slot = np.searchsorted(regions, cohort.spa_region[i][sel])
         inside = v[:, ORGAN] > 0  # (n, Z, Y', X')
         rows.append((v[:, DOSE][inside], v[:, ORGAN][inside], np.moveaxis(pos, 1, -1)[inside],
@@ -179,9 +188,10 @@ def scan(cohort: Cohort, train_idx: np.ndarray, val_idx: np.ndarray,
     events = {t: cohort.events[:, k] for k, t in enumerate(BINARY_TARGETS)}
     best: dict[str, tuple[float, Finding]] = {}
     coarse = _grid(np.full(3, -config.extent), np.full(3, config.extent), config.coarse_step)
+    frames = _organ_frames(cohort, np.concatenate([train_idx, val_idx]), config.voxel_stride)  # once, not per family
     for regions in organ_families():
-        train_vox = _family_voxels(cohort, train_idx, regions, config.voxel_stride)
-        val_vox = _family_voxels(cohort, val_idx, regions, config.voxel_stride)
+        train_vox = _family_voxels(cohort, train_idx, regions, config.voxel_stride, frames)
+        val_vox = _family_voxels(cohort, val_idx, regions, config.voxel_stride, frames)
         if train_vox is None or val_vox is None:
             continue
         mean_train, mean_val = train_vox.mean_dose(), val_vox.mean_dose()

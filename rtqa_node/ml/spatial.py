@@ -20,9 +20,10 @@ Where the voxel and patch attention come from (``SpatialConfig.voxel_attention``
 Position frame (``SpatialConfig.position_frame``): ``"organ"`` (default) divides each axis of the bags'
 organ-relative positions (mm from the organ's centroid) by that organ's own spread (the occupancy-weighted
 RMS over its voxels in the bag), so "the cranial-anterior-medial fifth of the gland" is one place whatever the
-gland's size; ``"mm"`` keeps millimetres (in bags.POSITION_SCALE_MM). Measured with fixed kernels on the
-synthetic cohort: the mm frame held 70 % of the mass in the planted region on the training sites and 57 % on
-other sites, the organ frame 78 % and 74 % (docs/architecture.md, Models).
+gland's size; ``"mm"`` keeps millimetres (in bags.POSITION_SCALE_MM). Measured with fixed kernels chosen with
+the ground truth on the synthetic cohort: the best in the mm frame held 70 % of the mass in the planted region on
+the training sites and 57 % on other sites, the best in the organ frame 78 % and 74 % (docs/architecture.md,
+Models).
 
 A branch may have a focus (:meth:`SpatialEncoder.set_focus`, from the dose-response scan in ``ml.localise``):
 its voxel scores are then a fixed Gaussian kernel's log, -|p - c|^2 / (2 sigma^2), in the organ frame, and its
