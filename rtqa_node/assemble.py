@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue as queue_module
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -132,8 +133,16 @@ def plan_label(conn, instance_id: int) -> str:
         label = str(ds.get("RTPlanLabel", "") or "").strip()
     except Exception:  # the store validated it; an unreadable label groups with the unlabelled plans
         label = ""
-    conn.execute("INSERT OR REPLACE INTO plan_labels (instance_id, rt_plan_label) VALUES (?, ?)",
-                 (instance_id, label))
+    try:
+        conn.execute("INSERT OR REPLACE INTO plan_labels (instance_id, rt_plan_label) VALUES (?, ?)",
+                     (instance_id, label))
+    except sqlite3.OperationalError as exc:
+        # Called inside the assembler's read snapshot: when an ingest has committed since the snapshot began,
+        # SQLite refuses to upgrade it to a write at once (SQLITE_BUSY_SNAPSHOT; no busy timeout helps). The
+        # label is right either way, only the cache entry waits for a later call: failing here failed the
+        # whole assembly batch, and its plan studies were not evaluated until the next object arrived.
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise
     return label
 
 

@@ -170,3 +170,32 @@ def test_stable_age_timer_fires_and_is_rearmed_after_restart(store, rt_data):
     finally:
         restarted.stop()
     assert store.index.query("SELECT COUNT(*) FROM jobs")[0][0] == 2
+
+
+def test_plan_label_inside_a_read_snapshot_survives_a_commit_by_another_connection(store, rt_data):
+    """The assembler reads plan labels inside a read snapshot while ingests commit; the label cache's write
+    must not fail the read (it failed a whole assembly batch: CI, test_dispatch, 'database is locked')."""
+    import sqlite3
+
+    from rtqa_node.assemble import plan_label
+
+    _import(store, [rt_data / "eclipse-breast-boost-fullct-weasis"])
+    (plan_id,) = [r[0] for r in store.index.query("SELECT id FROM instances WHERE modality = 'RTPLAN'")]
+    (db_file,) = [r["file"] for r in store.index.query("PRAGMA database_list") if r["name"] == "main"]
+    other = sqlite3.connect(db_file, isolation_level=None)
+    try:
+        with store.index.snapshot() as conn:
+            conn.execute("SELECT COUNT(*) FROM instances").fetchone()  # the snapshot starts here
+            other.execute("INSERT OR REPLACE INTO plan_labels (instance_id, rt_plan_label) "
+                          "SELECT id, 'other' FROM instances WHERE modality = 'CT' LIMIT 1")
+            label = plan_label(conn, plan_id)
+            assert conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0] > 0  # the snapshot still reads
+    finally:
+        other.close()
+    assert label == pydicom.dcmread(next(f for f in dicom_files(rt_data / "eclipse-breast-boost-fullct-weasis")
+                                         if pydicom.dcmread(f, stop_before_pixels=True).Modality == "RTPLAN"),
+                                    stop_before_pixels=True).get("RTPlanLabel", "").strip()
+    # outside the snapshot the label is cached as usual
+    with store.index.transaction() as conn:
+        assert plan_label(conn, plan_id) == label
+    assert store.index.query("SELECT rt_plan_label FROM plan_labels WHERE instance_id = ?", (plan_id,))[0][0] == label
