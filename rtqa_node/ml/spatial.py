@@ -94,6 +94,11 @@ class SpatialConfig:
         if self.position_frame not in POSITION_FRAMES:
             raise ValueError(f"position_frame must be one of {POSITION_FRAMES}, got {self.position_frame!r}")
 
+    @property
+    def can_focus(self) -> bool:
+        """A fixed focus (SpatialEncoder.set_focus) needs position attention in the organ frame."""
+        return self.voxel_attention == "position" and self.position_frame == "organ"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -151,7 +156,7 @@ class SpatialEncoder(nn.Module):
                   sigma: float) -> None:
         """Fix branch ``branch``'s attention on a Gaussian kernel (organ-frame ``centre``, width ``sigma``)
         inside the organs ``regions`` (module docstring). Position attention only."""
-        if self.config.voxel_attention != "position" or self.config.position_frame != "organ":
+        if not self.config.can_focus:
             raise ValueError("a focus needs voxel_attention='position' and position_frame='organ'")
         if sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")

@@ -229,7 +229,7 @@ def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
             initialised.append(kind)
         localisation = None
         if (config.localise and config.model in ("spatial", "fused") and "spatial" not in initialised
-                and config.spatial.voxel_attention == "position" and config.spatial.position_frame == "organ"):
+                and config.spatial.can_focus):
             findings = localise.scan(cohort, train_idx, val_idx)
             localise.focus(model.spatial if config.model == "fused" else model.encoder, findings)
             localisation = [f.to_dict() for f in findings]
