@@ -392,7 +392,13 @@ class Assembler:
     #: fifth of the node's CPU during ingest (benchmarks/ingest.py, py-spy --gil).
     GATHER_S = 0.05
 
+    #: A batch that failed (a transient SQLite error, a bug met by one plan study) is retried after this delay,
+    #: doubled on each consecutive failure up to the cap: its objects are stored and acknowledged, so dropping
+    #: the batch would leave their plan study unreviewed until some other object arrived for it.
+    RETRY_S = (0.5, 60.0)
+
     def _run(self) -> None:
+        failures = 0
         while True:
             batch = [self._inbox.get()]
             deadline = time.monotonic() + self.GATHER_S
@@ -404,14 +410,32 @@ class Assembler:
             if any(kind == "stop" for kind, _ in batch):
                 return
             try:
-                self._process(batch)
-            except Exception:
-                log.exception("assembly_failed")
+                retry = self._process(batch)
+            except Exception:  # the reads failed: retry the whole batch
+                log.exception("assembly_failed", extra={"items": len(batch)})
+                retry = batch
             finally:
                 for _ in batch:
                     self._inbox.task_done()
+            failures = failures + 1 if retry else 0
+            if retry:
+                self._retry_later(retry, failures)
 
-    def _process(self, batch) -> None:
+    def _retry_later(self, items: list, failures: int) -> None:
+        first, cap = self.RETRY_S
+        delay = min(first * 2 ** (failures - 1), cap)
+        log.warning("assembly_retry", extra={"items": len(items), "in_s": delay, "failures": failures})
+        self._scheduler.add_job(self._requeue, "date", args=[items],
+                                run_date=datetime.fromtimestamp(time.time() + delay, tz=UTC),
+                                misfire_grace_time=None)
+
+    def _requeue(self, items: list) -> None:
+        for item in items:
+            self._inbox.put(item)
+
+    def _process(self, batch) -> list:
+        """Evaluate the plan studies the batch touches; return the ("key", key) items whose evaluation failed
+        (one failing plan study does not hold up the others)."""
         keys: set[Key] = set()
         with self.index.snapshot() as conn:  # reads only: ingests keep the write lock to themselves meanwhile
             for kind, value in batch:
@@ -421,12 +445,19 @@ class Assembler:
                     keys |= affected_keys(conn, value)
                 elif kind == "key":
                     keys.add(value)
+        failed = []
         for key in sorted(keys):
-            with self.index.transaction() as conn:
-                decision = evaluate(conn, key, stable_age_s=self.stable_age_s,
-                                    job_max_attempts=self.job_max_attempts)
+            try:
+                with self.index.transaction() as conn:
+                    decision = evaluate(conn, key, stable_age_s=self.stable_age_s,
+                                        job_max_attempts=self.job_max_attempts)
+            except Exception:
+                log.exception("assembly_failed", extra={"plan_study_id": plan_study_id(key)})
+                failed.append(("key", key))
+                continue
             if decision is not None:
                 self._after(key, decision)
+        return failed
 
     def _after(self, key: Key, decision: Decision) -> None:
         job_id = f"stable-age:{decision.plan_study_id}"

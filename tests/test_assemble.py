@@ -199,3 +199,34 @@ def test_plan_label_inside_a_read_snapshot_survives_a_commit_by_another_connecti
     with store.index.transaction() as conn:
         assert plan_label(conn, plan_id) == label
     assert store.index.query("SELECT rt_plan_label FROM plan_labels WHERE instance_id = ?", (plan_id,))[0][0] == label
+
+
+def test_a_failed_evaluation_is_retried_not_dropped(store, rt_data, monkeypatch, caplog):
+    """An evaluation that fails (here: twice, as a transient 'database is locked') is retried after a delay; the
+    plan study becomes ready without any other object arriving."""
+    import sqlite3
+
+    import rtqa_node.assemble as assemble
+
+    real, calls = assemble.evaluate, []
+
+    def flaky(conn, key, **kwargs):
+        calls.append(key)
+        if len(calls) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return real(conn, key, **kwargs)
+
+    monkeypatch.setattr(assemble, "evaluate", flaky)
+    monkeypatch.setattr(Assembler, "RETRY_S", (0.2, 1.0))
+    _import(store, [rt_data / "eclipse-breast-boost-fullct-weasis"])  # stored before the assembler starts
+    assembler = Assembler(store.index.path, stable_age_s=STABLE_AGE_S, job_max_attempts=3)
+    assembler.start()  # its first batch is the start-up rescan: it fails, then its retry fails
+    try:
+        wait_until(lambda: [p["state"] for p in _plan_studies(store).values()] == ["ready"], timeout_s=10,
+                   what="the retried evaluation")
+    finally:
+        assembler.stop()
+    assert len(calls) == 3 and len(set(calls)) == 1
+    retries = [r for r in caplog.records if r.getMessage() == "assembly_retry"]
+    assert [r.in_s for r in retries] == [0.2, 0.4]  # doubled after the second consecutive failure
+    assert store.index.query("SELECT COUNT(*) FROM jobs")[0][0] == 1
