@@ -192,3 +192,35 @@ def test_training_focuses_the_spatial_attention_where_the_scan_found(toy):
                           atol=1e-3)  # kept through training: a buffer, not a parameter
     plain = train(cohort, TrainConfig(**config, localise=False), name="spatial")
     assert plain.record["localisation"] is None
+
+
+def test_the_scans_logistic_fit_starts_the_dose_response_offset(toy):
+    """After start_dose_response the xerostomia logit is exactly the scan's logistic on the model's own doses
+    (the head's last layer is zero), and organ_dose is the region-attention-weighted whole-organ mean."""
+    from rtqa_node.ml.evaluate import auc
+    from rtqa_node.ml.mil import VERDICT_CLASSES
+    from rtqa_node.ml.spatial import SpatialMil
+
+    cohort, _, val_idx, findings = toy
+    (f,) = findings
+    torch.manual_seed(0)
+    model = SpatialMil(SpatialConfig()).eval()
+    localise.focus(model.encoder, findings)
+    localise.start_dose_response(model, findings)
+    batch = _batch(cohort, val_idx)
+    with torch.no_grad():
+        out = model(*batch)
+    xer = TASKS.index("xerostomia_severe")
+    intercept, organ_slope, slope = f.logistic
+    assert slope > 0  # the toy's events rise with the blob's dose
+    expected = (intercept + max(organ_slope, 1e-3) * out.organ_dose[:, xer] + slope * out.pooled_dose[:, xer])
+    logit = out.logits[:, len(VERDICT_CLASSES) + 0]
+    assert torch.allclose(logit, expected.float(), atol=1e-4)
+    assert auc(cohort.events[val_idx, 0], logit.numpy()) > 0.8  # the held-out patients: the fit carries over
+
+    voxels, _, region, mask = batch
+    occ, dose = voxels[:, :, 2], voxels[:, :, 0]
+    means = torch.stack([(occ * dose * (region == r)[..., None, None, None]).sum((1, 2, 3, 4))
+                         / (occ * (region == r)[..., None, None, None]).sum((1, 2, 3, 4)).clamp(min=1e-6)
+                         for r in range(len(SPATIAL_ORGANS))], 1)  # (B, R)
+    assert torch.allclose(out.organ_dose[:, xer], (out.region_attention[:, xer] * means).sum(1), atol=1e-5)

@@ -112,6 +112,6 @@ def test_dose_response_term_keeps_attention_from_collapsing_under_an_early_entro
     prior up: the fused model's heads see the tabular encoder too.)"""
     _, inside = _train_on_toy(lambda epoch: 0.05)
     assert inside > 0.7
-    monkeypatch.setattr(DoseResponse, "forward", lambda self, pooled: pooled.new_zeros(pooled.shape[0], LOGITS))
+    monkeypatch.setattr(DoseResponse, "forward", lambda self, pooled, organ: pooled.new_zeros(pooled.shape[0], LOGITS))
     _, inside = _train_on_toy(lambda epoch: 0.05)
     assert inside < 0.2

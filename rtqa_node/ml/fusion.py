@@ -35,4 +35,4 @@ class FusedMil(nn.Module):
         zt, at = self.tabular(x, name_index, tab_mask)  # (B, K, Dt), (B, K, Nt)
         zs, so = self.spatial(voxels, features, region, spa_mask)  # (B, K, Ds)
         z = self.fuse(torch.cat([zt, zs], dim=-1))  # (B, K, H)
-        return FusedOutput(self.heads(z) + self.dose_response(so.pooled_dose), at, so)
+        return FusedOutput(self.heads(z) + self.dose_response(so.pooled_dose, so.organ_dose), at, so)

@@ -32,15 +32,22 @@ Fixed because training moved a learned start away from it: the scan's kernel hel
 planted region on other sites, the trained networks started from it 27-30 %. The focus lives in buffers, so it
 is saved with the weights and copied into a fused model with the encoder.
 
-:class:`DoseResponse` adds, for the toxicity endpoints, a non-negative multiple of the branch's attention-pooled
-dose to the logit: with a focus, exactly the scan's kernel dose, so the logistic dose-response the scan found is
-one parameter away for the heads rather than something the MLPs must rebuild.
+:class:`DoseResponse` adds, for the toxicity endpoints, a logistic dose-response offset to the logit: an intercept,
+a non-negative multiple of the branch's attention-pooled dose (with a focus, exactly the scan's kernel dose) and
+one of the whole-organ mean dose of the organs the branch attends to (``SpatialOutput.organ_dose``), started at
+the scan's logistic fit (``localise.start_dose_response``). A focused branch pools its features under the kernel,
+so without the organ mean its heads never see the whole-gland dose. Measured on the synthetic cohort's external
+patients: xerostomia AUC 0.683 with a kernel-dose slope only (model version 2), 0.711 with the offset (version
+3); a plain logistic on the same two doses reached 0.714-0.720 at any of the candidate centres, so the gain is
+the heads', not the location's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -107,13 +114,16 @@ class SpatialConfig:
 class SpatialOutput:
     """logits (B, LOGITS); attention (B, K, N) patch mass per task branch (sums to 1 over real patches);
     region_attention (B, K, R); voxel_attention (B, K, N, V) voxel mass (sums to 1 over all voxels of a bag);
-    pooled_dose (B, K): the dose (in bags.DOSE_SCALE_GY) averaged under each branch's voxel mass."""
+    pooled_dose (B, K): the dose (in bags.DOSE_SCALE_GY) averaged under each branch's voxel mass; organ_dose
+    (B, K): the whole-organ mean dose of the organs the branch attends to (each organ's occupancy-weighted mean
+    over its patches, weighted by the branch's region attention)."""
 
     logits: torch.Tensor
     attention: torch.Tensor
     region_attention: torch.Tensor
     voxel_attention: torch.Tensor
     pooled_dose: torch.Tensor
+    organ_dose: torch.Tensor
 
 
 class _Score(GatedScore):
@@ -219,23 +229,44 @@ class SpatialEncoder(nn.Module):
         voxel_mass = patch_mass[..., None] * alpha.view(B, N, K, -1).transpose(1, 2)  # (B, K, N, V)
         dose = voxels[:, :, DOSE_CHANNEL].flatten(2)  # (B, N, V)
         pooled = torch.einsum("bknv,bnv->bk", voxel_mass, dose)
-        return z, SpatialOutput(torch.empty(0), patch_mass, a_region, voxel_mass, pooled)
+        occupancy = voxels[:, :, ORGAN_CHANNEL].flatten(2)  # (B, N, V)
+        region_f = in_region.to(dose.dtype)  # (B, R, N)
+        organ_mean = (torch.einsum("brn,bnv,bnv->br", region_f, occupancy, dose)
+                      / torch.einsum("brn,bnv->br", region_f, occupancy).clamp(min=1e-6))  # (B, R)
+        organ_dose = torch.einsum("bkr,br->bk", a_region, organ_mean)
+        return z, SpatialOutput(torch.empty(0), patch_mass, a_region, voxel_mass, pooled, organ_dose)
 
 
 class DoseResponse(nn.Module):
-    """Adds softplus(w_t) x (branch t's attention-pooled dose) to each toxicity endpoint t's logit: a
-    non-negative slope, since more dose to the organ at risk never lowers the risk of its toxicity."""
+    """A logistic dose-response offset for each toxicity endpoint t, added to the heads' logit:
+    b_t + softplus(u_t) x (branch t's attention-pooled dose) + softplus(v_t) x (the whole-organ mean dose of the
+    organs it attends to). Slopes are non-negative, since more dose to the organ at risk never lowers the risk of
+    its toxicity. :meth:`initialise` sets the three numbers from the dose-response scan's logistic fit, so
+    training starts at the scan's model and the heads learn what it misses; both doses in bags.DOSE_SCALE_GY."""
 
     def __init__(self) -> None:
         super().__init__()
         self.slot = [len(VERDICT_CLASSES) + BINARY_TARGETS.index(t) for t in TOXICITY_TARGETS]
         self.branch = [TASKS.index(t) for t in TOXICITY_TARGETS]
-        self.raw_slope = nn.Parameter(torch.full((len(TOXICITY_TARGETS),), 0.5413))  # softplus -> 1 per 70 Gy
+        n = len(TOXICITY_TARGETS)
+        self.raw_slope = nn.Parameter(torch.full((n,), 0.5413))  # softplus -> 1 per DOSE_SCALE_GY
+        self.raw_organ_slope = nn.Parameter(torch.full((n,), 0.5413))
+        self.bias = nn.Parameter(torch.zeros(n))
 
-    def forward(self, pooled_dose: torch.Tensor) -> torch.Tensor:
-        """pooled_dose (B, K) -> (B, LOGITS) to add to the heads' logits."""
+    def initialise(self, task: str, *, intercept: float, organ_slope: float, slope: float) -> None:
+        """Start task's offset at a fitted logistic (slopes below 1e-3 start at 1e-3: softplus cannot reach 0)."""
+        k = TOXICITY_TARGETS.index(task)
+        inverse_softplus = lambda w: float(np.log(np.expm1(max(w, 1e-3))))
+        with torch.no_grad():
+            self.bias[k] = intercept
+            self.raw_organ_slope[k] = inverse_softplus(organ_slope)
+            self.raw_slope[k] = inverse_softplus(slope)
+
+    def forward(self, pooled_dose: torch.Tensor, organ_dose: torch.Tensor) -> torch.Tensor:
+        """pooled_dose, organ_dose (B, K) -> (B, LOGITS) to add to the heads' logits."""
         out = pooled_dose.new_zeros(pooled_dose.shape[0], LOGITS)
-        out[:, self.slot] = nn.functional.softplus(self.raw_slope)[None] * pooled_dose[:, self.branch]
+        out[:, self.slot] = (self.bias[None] + nn.functional.softplus(self.raw_slope)[None] * pooled_dose[:, self.branch]
+                             + nn.functional.softplus(self.raw_organ_slope)[None] * organ_dose[:, self.branch])
         return out
 
 
@@ -248,8 +279,8 @@ class SpatialMil(nn.Module):
 
     def forward(self, voxels, features, region, mask) -> SpatialOutput:
         z, out = self.encoder(voxels, features, region, mask)
-        logits = self.heads(z) + self.dose_response(out.pooled_dose)
-        return SpatialOutput(logits, out.attention, out.region_attention, out.voxel_attention, out.pooled_dose)
+        logits = self.heads(z) + self.dose_response(out.pooled_dose, out.organ_dose)
+        return dataclasses.replace(out, logits=logits)
 
 
 def attention_entropy(voxel_attention: torch.Tensor) -> torch.Tensor:

@@ -27,15 +27,15 @@ from rtqa_node.errors import ConfigError
 from rtqa_node.ml import localise
 from rtqa_node.ml.dataset import Cohort
 from rtqa_node.ml.fusion import FusedMil
-from rtqa_node.ml.mil import BINARY_TARGETS, VERDICT_CLASSES, TabularConfig, TabularMil
-from rtqa_node.ml.spatial import SpatialConfig, SpatialMil, attention_entropy
+from rtqa_node.ml.mil import BINARY_TARGETS, TASKS, VERDICT_CLASSES, TabularConfig, TabularMil
+from rtqa_node.ml.spatial import TOXICITY_TARGETS, SpatialConfig, SpatialMil, attention_entropy
 
 log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("tabular", "tabular_mean", "spatial", "fused")
 WEIGHTS_NAME = "model.pt"
 CONFIG_NAME = "config.json"
-MODEL_VERSION = "2"  # 2: spatial focus buffers, organ position frame, DoseResponse
+MODEL_VERSION = "3"  # 2: spatial focus buffers, organ position frame, DoseResponse; 3: DoseResponse offset
 
 
 @dataclass(frozen=True)
@@ -224,14 +224,18 @@ def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
             if trained.config.seed != config.seed:
                 raise ValueError(f"init model {kind} used split seed {trained.config.seed}, not {config.seed}")
             getattr(model, kind).load_state_dict(trained.module.encoder.state_dict())
-            if kind == "spatial":  # its focus came with the encoder's buffers; its dose-response slopes too
+            if kind == "spatial":  # its focus came with the encoder's buffers; its dose-response offset too
                 model.dose_response.load_state_dict(trained.module.dose_response.state_dict())
+                for task in TOXICITY_TARGETS:  # the fused heads start as a zero residual on that offset
+                    if model.spatial.focus_sigma[TASKS.index(task)] > 0:
+                        localise.zero_head(model, task)
             initialised.append(kind)
         localisation = None
         if (config.localise and config.model in ("spatial", "fused") and "spatial" not in initialised
                 and config.spatial.can_focus):
             findings = localise.scan(cohort, train_idx, val_idx)
             localise.focus(model.spatial if config.model == "fused" else model.encoder, findings)
+            localise.start_dose_response(model, findings)
             localisation = [f.to_dict() for f in findings]
         model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
