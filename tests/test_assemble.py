@@ -206,7 +206,7 @@ def test_a_failed_evaluation_is_retried_not_dropped(store, rt_data, monkeypatch,
     plan study becomes ready without any other object arriving."""
     import sqlite3
 
-    import rtqa_node.assemble as assemble
+    from rtqa_node import assemble
 
     real, calls = assemble.evaluate, []
 

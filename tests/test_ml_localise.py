@@ -218,7 +218,7 @@ def test_the_scans_logistic_fit_starts_the_dose_response_offset(toy):
     assert torch.allclose(logit, expected.float(), atol=1e-4)
     assert auc(cohort.events[val_idx, 0], logit.numpy()) > 0.8  # the held-out patients: the fit carries over
 
-    voxels, _, region, mask = batch
+    voxels, _, region, _ = batch
     occ, dose = voxels[:, :, 2], voxels[:, :, 0]
     means = torch.stack([(occ * dose * (region == r)[..., None, None, None]).sum((1, 2, 3, 4))
                          / (occ * (region == r)[..., None, None, None]).sum((1, 2, 3, 4)).clamp(min=1e-6)

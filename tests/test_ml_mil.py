@@ -100,3 +100,28 @@ def test_tabular_mil_learns_a_planted_signal_and_attends_to_its_instance():
     assert auc(yt.numpy(), out.logits[:, logit].numpy()) > 0.9
     on_target = out.attention[torch.arange(200), branch, pos]
     assert float(on_target.mean()) > 0.5  # 5-8 instances per bag: uniform weight would be 0.12-0.2
+
+
+def test_target_response_reads_its_named_instances_and_fills_a_missing_one():
+    """The local-control offset: b + softplus(u) x D98(CTV_70) - softplus(v) x log volume(GTV_70), read by name
+    whatever the instance order, the training mean where a structure is missing; starts at a fitted logistic."""
+    from rtqa_node.ml.mil import LOGITS, VERDICT_CLASSES, TargetResponse
+
+    tr = TargetResponse()
+    tr.initialise(intercept=0.5, slopes=[2.0, -0.7], fill=[0.9, 3.0])
+    x = torch.zeros(2, 4, len(TABULAR_FEATURES))
+    names = torch.tensor([[STRUCTURE_VOCAB.index("GTV_70"), STRUCTURE_VOCAB.index("CTV_70"), 0, 0],
+                          [STRUCTURE_VOCAB.index("CTV_70"), STRUCTURE_VOCAB.index("GTV_70"), 0, 0]])
+    d98, logvol = TABULAR_FEATURES.index("d98"), TABULAR_FEATURES.index("log_volume_cc")
+    x[0, 0, logvol], x[0, 1, d98] = 2.5, 0.95
+    x[1, 0, d98] = 0.8
+    x[0, 2:, :] = 99.0  # padding and other structures must not leak in
+    mask = torch.tensor([[True, True, False, False], [True, False, False, False]])  # patient 1: GTV masked out
+    out = tr(x, names, mask)
+    assert out.shape == (2, LOGITS)
+    slot = len(VERDICT_CLASSES) + 2
+    assert torch.allclose(out[:, slot], torch.tensor([0.5 + 2.0 * 0.95 - 0.7 * 2.5, 0.5 + 2.0 * 0.8 - 0.7 * 3.0]),
+                          atol=1e-5)
+    assert torch.count_nonzero(out[:, :slot]) == 0  # the other logits are untouched
+    tr.initialise(intercept=0.0, slopes=[-1.0, 1.0], fill=[0.9, 3.0])  # wrong signs start at ~0, not flipped
+    assert float(tr(x, names, mask)[:, slot].abs().max()) < 0.01

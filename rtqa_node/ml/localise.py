@@ -176,8 +176,8 @@ def _family_voxels(cohort: Cohort, index: np.ndarray, regions: tuple[int, ...], 
     return _FamilyVoxels(*(torch.as_tensor(a) for a in (dose, position, slot, weight)))
 
 
-def _logistic_deviance(features: torch.Tensor, y: torch.Tensor, *, iters: int = 30,
-                       ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+def logistic_fit(features: torch.Tensor, y: torch.Tensor, *, iters: int = 30,
+                 ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Many small logistic regressions at once: features (P, M, F) (intercept added here), y (P,) in {0, 1}
     -> weights (M, F + 1) and training deviance (M,) (2 x negative log-likelihood)."""
     X = _with_intercept(features)
@@ -211,7 +211,7 @@ def _best_location(mean: torch.Tensor, doses: dict[float, torch.Tensor], y: torc
     """The (deviance, sigma, centre) of the grid point whose [mean, kernel dose] logistic fits y best."""
     best = (float("inf"), 0.0, np.zeros(3))
     for sigma, z in doses.items():
-        _, dev = _logistic_deviance(torch.stack([mean[:, None].expand_as(z), z], -1), y)
+        _, dev = logistic_fit(torch.stack([mean[:, None].expand_as(z), z], -1), y)
         j = int(torch.argmin(dev))
         if float(dev[j]) < best[0]:
             best = (float(dev[j]), sigma, grid[j].numpy())
@@ -252,7 +252,7 @@ def scan(cohort: Cohort, train_idx: np.ndarray, val_idx: np.ndarray,
             if ok_t.sum() < 20 or len(np.unique(y_all[train_idx][ok_t])) < 2:
                 continue
             yt, mt = torch.as_tensor(y_all[train_idx][ok_t]), train_vox.mean_dose(len(regions))[ok_t]
-            _, dev0 = _logistic_deviance(mt[:, None, None], yt)
+            _, dev0 = logistic_fit(mt[:, None, None], yt)
             dev, _, _ = _best_location(mt, {s: z[ok_t] for s, z in doses.items()}, yt, grid)
             gain = float(dev0[0] - dev) / 2
             if task not in candidates or gain > candidates[task][0]:
@@ -266,8 +266,8 @@ def scan(cohort: Cohort, train_idx: np.ndarray, val_idx: np.ndarray,
         sigma, centre = _bagged_location(mt, doses, yt, grid, config)
         c = torch.as_tensor(centre[None], dtype=torch.float32)
         zt, zv = train_vox.kernel_doses(c, sigma, len(regions))[ok_t], val_vox.kernel_doses(c, sigma, len(regions))[ok_v]
-        w0, dev0 = _logistic_deviance(mt[:, None, None], yt)
-        w, dev = _logistic_deviance(torch.stack([mt[:, None], zt], -1), yt)
+        w0, dev0 = logistic_fit(mt[:, None, None], yt)
+        w, dev = logistic_fit(torch.stack([mt[:, None], zt], -1), yt)
         dev0_val = _deviance(_with_intercept(mv[:, None, None]), w0, yv)
         dev_val = _deviance(_with_intercept(torch.stack([mv[:, None], zv], -1)), w, yv)
         finding = Finding(task, regions, tuple(float(x) for x in centre), sigma, float(dev0[0] - dev[0]) / 2,

@@ -52,7 +52,15 @@ import torch
 from torch import nn
 
 from rtqa_node.ml.bags import PATCH_FEATURES, SPATIAL_CHANNELS, SPATIAL_ORGANS
-from rtqa_node.ml.mil import BINARY_TARGETS, LOGITS, TASKS, VERDICT_CLASSES, GatedScore, TaskHeads, masked_softmax
+from rtqa_node.ml.mil import (
+    BINARY_TARGETS,
+    LOGITS,
+    TASKS,
+    VERDICT_CLASSES,
+    GatedScore,
+    TaskHeads,
+    masked_softmax,
+)
 
 DOSE_CHANNEL = SPATIAL_CHANNELS.index("dose")
 ORGAN_CHANNEL = SPATIAL_CHANNELS.index("organ")

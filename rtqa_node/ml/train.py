@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MODEL_KINDS = ("tabular", "tabular_mean", "spatial", "fused")
 WEIGHTS_NAME = "model.pt"
 CONFIG_NAME = "config.json"
-MODEL_VERSION = "3"  # 2: spatial focus buffers, organ position frame, DoseResponse; 3: DoseResponse offset
+MODEL_VERSION = "4"  # 2: spatial focus buffers, organ position frame, DoseResponse; 3: DoseResponse offset; 4: TargetResponse
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,27 @@ class TrainedModel:
         return cls(blob["name"], config, module.to(device or "cpu"), list(blob["temperatures"]), blob["record"])
 
 
+def start_target_response(model: nn.Module, cohort: Cohort, train_idx: np.ndarray) -> dict:
+    """Start a fused model's local-control offset (``mil.TargetResponse``) at a logistic fit on the training
+    patients, and zero the local-control head's last layer: training starts from that model."""
+    tr = model.target_response
+    x, names, mask = (torch.as_tensor(a[train_idx]) for a in (cohort.tab_x, cohort.tab_name_index, cohort.tab_mask))
+    with torch.no_grad():
+        value, present = tr.values(x.float(), names, mask)
+    fill = [float(value[present[:, k], k].mean()) if present[:, k].any() else 0.0 for k in range(value.shape[1])]
+    tr.initialise(intercept=0.0, slopes=[0.0] * value.shape[1], fill=fill)
+    y = cohort.events[train_idx, BINARY_TARGETS.index("local_control")]
+    known = ~np.isnan(y)
+    if known.sum() < 20 or len(np.unique(y[known])) < 2:
+        return {"fitted": False}
+    with torch.no_grad():
+        f = tr.features(x.float(), names, mask)[torch.as_tensor(known)]
+    w, _ = localise.logistic_fit(f[:, None].double(), torch.as_tensor(y[known]))
+    tr.initialise(intercept=float(w[0, 0]), slopes=[float(v) for v in w[0, 1:]], fill=fill)
+    localise.zero_head(model, "local_control")
+    return {"fitted": True, "logistic": [round(float(v), 4) for v in w[0]], "fill": [round(v, 4) for v in fill]}
+
+
 def _progress(text: str) -> None:
     if sys.stderr.isatty():
         sys.stderr.write(f"\r{text}   ")
@@ -237,6 +258,7 @@ def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
             localise.focus(model.spatial if config.model == "fused" else model.encoder, findings)
             localise.start_dose_response(model, findings)
             localisation = [f.to_dict() for f in findings]
+        target_response = start_target_response(model, cohort, train_idx) if config.model == "fused" else None
         model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         soft = torch.as_tensor(cohort.verdict_soft, device=device)
@@ -285,7 +307,8 @@ def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
         record = {"train_patients": len(train_idx), "val_patients": len(val_idx),
                   "best_epoch": best_epoch, "best_val_loss": round(best, 4), "epochs_run": len(history),
                   "train_time_s": round(elapsed, 1), "device": str(device), "threads": config.threads,
-                  "initialised_from": initialised, "localisation": localisation, "history": history}
+                  "initialised_from": initialised, "localisation": localisation,
+                  "target_response": target_response, "history": history}
         log.info("ml_trained", extra={"model": name or config.model, "best_epoch": best_epoch,
                                       "val_loss": round(best, 4), "elapsed_s": round(elapsed, 1)})
         if sys.stderr.isatty():
@@ -334,6 +357,11 @@ def write_model_card(model: TrainedModel, folder: Path, evaluation: dict | None 
                      f"centre in the organ frame, units of the organ's spread per axis): {found}.")
     elif "spatial" in r.get("initialised_from", []):
         lines.append("- Spatial encoder started from the trained spatial model (its card says where its attention is focused).")
+    if (r.get("target_response") or {}).get("fitted"):
+        b, d98, vol = r["target_response"]["logistic"]
+        lines.append(f"- Local-control offset (`mil.TargetResponse`) started at a logistic fit on the training patients: "
+                     f"intercept {b}, CTV_70 D98 {d98} (per 70 Gy), GTV_70 log volume {vol} "
+                     "(per ln(1 + cc) / 5, the bag's unit).")
     lines.append("")
     if evaluation:
         lines += ["## Metrics (held-out synthetic cohort, different seed)", ""]
