@@ -126,6 +126,12 @@ class TaskHeads(nn.Module):
         return torch.cat([head(z[:, k]) for k, head in enumerate(self.heads)], dim=-1)
 
 
+def inverse_softplus(w: float, floor: float = 1e-3) -> float:
+    """The raw parameter whose softplus is ``w`` (at least ``floor``: softplus never reaches 0): how the offsets
+    (``TargetResponse``, ``spatial.DoseResponse``) start a non-negative slope at a fitted value."""
+    return float(np.log(np.expm1(max(w, floor))))
+
+
 #: the local-control offset's inputs (``TargetResponse``): (structure, TABULAR_FEATURES column, sign of its slope)
 TARGET_RESPONSE_INPUTS = (("CTV_70", "d98", 1.0), ("GTV_70", "log_volume_cc", -1.0))
 
@@ -167,7 +173,7 @@ class TargetResponse(nn.Module):
         with torch.no_grad():
             self.bias.fill_(intercept)
             for k, (w, s) in enumerate(zip(slopes, self.sign.tolist())):
-                self.raw_slope[k] = float(np.log(np.expm1(max(w * s, 1e-3))))
+                self.raw_slope[k] = inverse_softplus(w * s)
             self.fill.copy_(torch.as_tensor(fill, dtype=self.fill.dtype))
 
     def forward(self, x, name_index, mask) -> torch.Tensor:

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -59,6 +58,7 @@ from rtqa_node.ml.mil import (
     VERDICT_CLASSES,
     GatedScore,
     TaskHeads,
+    inverse_softplus,
     masked_softmax,
 )
 
@@ -264,7 +264,6 @@ class DoseResponse(nn.Module):
     def initialise(self, task: str, *, intercept: float, organ_slope: float, slope: float) -> None:
         """Start task's offset at a fitted logistic (slopes below 1e-3 start at 1e-3: softplus cannot reach 0)."""
         k = TOXICITY_TARGETS.index(task)
-        inverse_softplus = lambda w: float(np.log(np.expm1(max(w, 1e-3))))
         with torch.no_grad():
             self.bias[k] = intercept
             self.raw_organ_slope[k] = inverse_softplus(organ_slope)

@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 MODEL_KINDS = ("tabular", "tabular_mean", "spatial", "fused")
 WEIGHTS_NAME = "model.pt"
 CONFIG_NAME = "config.json"
-MODEL_VERSION = "4"  # 2: spatial focus buffers, organ position frame, DoseResponse; 3: DoseResponse offset; 4: TargetResponse
+#: 2: spatial focus buffers, organ position frame, DoseResponse; 3: DoseResponse offset (bagged scan);
+#: 4: TargetResponse (fused)
+MODEL_VERSION = "4"
 
 
 @dataclass(frozen=True)
