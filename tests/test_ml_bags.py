@@ -88,3 +88,20 @@ def test_worker_path_from_dicom_files_matches_the_simulated_patient(tmp_path):
     np.testing.assert_allclose(dicom.tabular.instances[:, doses], sim.tabular.instances[:, doses], atol=1.5 / 70)
     assert abs(int(dicom.spatial.mask.sum()) - int(sim.spatial.mask.sum())) <= 0.15 * sim.spatial.mask.sum()
     assert sim.grid_shape == dicom.grid_shape
+
+
+def test_ct_is_resampled_only_where_patches_can_be_and_equals_the_full_resample_there(tmp_path):
+    from rtqa_node.ml.bags import _ct_on_grid, patch_values
+    from rtqa_node.rt.plan_study import load_folder, plan_dose
+    from rtqa_node.synth.cohort import CohortConfig, generate_cohort
+
+    generate_cohort(tmp_path / "cohort", CohortConfig(patients=1, seed=5, slices=30))
+    study = load_folder(next(p for p in (tmp_path / "cohort").iterdir() if p.is_dir() and p.name.startswith("HN")))
+    bags = bags_from_plan_study(study)
+    full = _ct_on_grid(study.ct, plan_dose(study).geometry)
+    ct_channel = SPATIAL_CHANNELS.index("ct")
+    kept = bags.spatial.mask
+    assert kept.sum() > 10
+    np.testing.assert_array_equal(bags.spatial.instances[kept, ct_channel],
+                                  patch_values(bags.spatial, full)[kept] / 1000.0)
+    assert (full > -900).any() and np.ptp(bags.spatial.instances[kept, ct_channel]) > 0.5  # real anatomy, not air

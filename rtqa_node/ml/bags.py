@@ -180,8 +180,14 @@ def spatial_bag(dose_gy: np.ndarray, ct_hu: np.ndarray, masks: Mapping[str, np.n
     axis mirrored for right-sided organs, so left and right glands share one frame). Patch features: organ
     fractions and the patch centre's organ-relative position.
     """
-    shape = np.asarray(dose_gy.shape)
     pz, py, px = PATCH_SHAPE
+    masks = {o: m for o, m in masks.items() if o in SPATIAL_ORGANS}
+    # every tile an organ touches lies in this box: work there (the organs are a few % of the dose grid), in the
+    # box's own indices, and shift the patch origins back to the grid's at the end
+    box = _patch_box(masks, dose_gy.shape) or tuple(slice(0, 0) for _ in PATCH_SHAPE)
+    start = np.array([b.start for b in box], dtype=np.int64)
+    dose_gy, ct_hu, masks = dose_gy[box], ct_hu[box], {o: m[box] for o, m in masks.items()}
+    shape = np.asarray(dose_gy.shape)
     organs = [o for o in SPATIAL_ORGANS if o in masks and np.any(masks[o] > 0)]
     occ = np.zeros((len(SPATIAL_ORGANS),) + tuple(shape), dtype=np.float32)
     centroids = np.zeros((len(SPATIAL_ORGANS), 3))
@@ -219,8 +225,8 @@ def spatial_bag(dose_gy: np.ndarray, ct_hu: np.ndarray, masks: Mapping[str, np.n
         voxels[i, 4] = ((b * py + _LOCAL[1] - centroids[k][1]) * spacing[1] / POSITION_SCALE_MM)[None, :, None]
         voxels[i, 5] = ((c * px + _LOCAL[2] - centroids[k][2]) * spacing[2] * mirror / POSITION_SCALE_MM)[None, None, :]
         region[i] = k
-        origin[i] = (a * pz, b * py, c * px)
-        names.append(f"{SPATIAL_ORGANS[k]}@{a * pz},{b * py},{c * px}")
+        origin[i] = start + (a * pz, b * py, c * px)
+        names.append(f"{SPATIAL_ORGANS[k]}@{origin[i][0]},{origin[i][1]},{origin[i][2]}")
     mask = np.zeros(max_patches, dtype=bool)
     mask[:n] = True
     return Bag(voxels, mask, tuple(names), {"features": features, "region": region, "origin_index": origin})
@@ -303,20 +309,44 @@ def bags_from_plan_study(study, metrics: Mapping[str, StructureMetrics] | None =
         name = standard[s.name]
         if name in SPATIAL_ORGANS and name not in masks and s.closed_planar:
             masks[name] = rasterise_to_grid(s, g)
-    hu = _ct_on_grid(study.ct, g) if study.ct is not None else np.zeros(g.shape, dtype=np.float32)
+    if study.ct is not None:
+        hu = np.full(g.shape, -1000.0, dtype=np.float32)
+        box = _patch_box(masks, g.shape)
+        if box is not None:  # only tiles an organ touches become patches: resample the CT there alone
+            hu[box] = _ct_on_grid(study.ct, g, box)
+    else:
+        hu = np.zeros(g.shape, dtype=np.float32)
     spacing = (float(g.spacing_mm[2]), float(g.spacing_mm[1]), float(g.spacing_mm[0]))
     spa = spatial_bag(dose.dose, hu, masks, spacing_mm=spacing)
     return PatientBags(tab, spa, tuple(g.shape))
 
 
-def _ct_on_grid(ct, g) -> np.ndarray:
-    """CT HU resampled (trilinear) at the dose grid's voxel centres; -1000 HU outside the CT."""
+def _patch_box(masks: Mapping[str, np.ndarray], shape: tuple[int, int, int]) -> tuple[slice, ...] | None:
+    """The PATCH_SHAPE-aligned bounding box of every voxel an organ touches (None when no organ does): every
+    patch :func:`spatial_bag` can keep lies inside it, since a kept tile holds some occupancy."""
+    touched = None
+    for m in masks.values():
+        touched = m > 0 if touched is None else touched | (m > 0)
+    if touched is None or not touched.any():
+        return None
+    box = []
+    for axis, p in enumerate(PATCH_SHAPE):
+        hit = np.flatnonzero(touched.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(hit[0]) // p * p, min(shape[axis], (int(hit[-1]) // p + 1) * p)))
+    return tuple(box)
+
+
+def _ct_on_grid(ct, g, box: tuple[slice, ...] | None = None) -> np.ndarray:
+    """CT HU resampled (trilinear) at the dose grid's voxel centres (within ``box`` of the grid when given);
+    -1000 HU outside the CT."""
     from scipy.ndimage import map_coordinates
 
-    k, j, i = (a.reshape(-1, 1) for a in np.meshgrid(*(np.arange(n) for n in g.shape), indexing="ij"))
+    box = box or tuple(slice(0, n) for n in g.shape)
+    axes = [np.arange(n)[b] for n, b in zip(g.shape, box)]
+    k, j, i = (a.reshape(-1, 1) for a in np.meshgrid(*axes, indexing="ij"))
     offsets = np.asarray(g.z_offsets_mm, dtype=np.float64)
     pts = (np.asarray(g.origin_mm)[None] + i * g.spacing_mm[0] * np.asarray(g.row_direction)[None]
            + j * g.spacing_mm[1] * np.asarray(g.column_direction)[None] + offsets[k] * g.normal[None])
     idx = ct.geometry.to_index(pts)
     hu = map_coordinates(ct.hu, idx.T, order=1, mode="constant", cval=-1000.0)
-    return hu.reshape(g.shape).astype(np.float32)
+    return hu.reshape(tuple(len(a) for a in axes)).astype(np.float32)

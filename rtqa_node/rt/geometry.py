@@ -588,6 +588,12 @@ def rasterise_to_grid(structure: Structure, grid: GridGeometry,
     frame_thickness = np.diff(bounds)[:, None]
     wz = overlap / frame_thickness  # (frames, slabs)
     pixel_fraction = (lat.delta_mm ** 2) / (sx * sy)
-    per_slab = np.einsum("ry,kyx,cx->krc", by, vox.coverage, bx, optimize=True) * pixel_fraction
-    occ = np.tensordot(wz, per_slab, axes=(1, 0))
-    return np.clip(occ, 0.0, 1.0).astype(np.float32)
+    # only the grid's sub-box the lattice reaches can be non-zero: compute there (an organ is a few % of a grid)
+    occ = np.zeros(grid.shape, dtype=np.float32)
+    box = [np.flatnonzero(w.any(axis=1)) for w in (wz, by, bx)]
+    if any(b.size == 0 for b in box):
+        return occ
+    (f0, f1), (r0, r1), (c0, c1) = ((int(b[0]), int(b[-1]) + 1) for b in box)
+    per_slab = np.einsum("ry,kyx,cx->krc", by[r0:r1], vox.coverage, bx[c0:c1], optimize=True) * pixel_fraction
+    occ[f0:f1, r0:r1, c0:c1] = np.clip(np.tensordot(wz[f0:f1], per_slab, axes=(1, 0)), 0.0, 1.0)
+    return occ
