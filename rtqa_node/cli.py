@@ -343,6 +343,8 @@ def _add_review(sub) -> None:
     p.add_argument("--protocol", help="trial protocol id (see rtqa_node/checks/protocols) or a protocol YAML file; "
                    "default: the configured one, else chosen from the plan's Clinical Trial Protocol ID or label")
     p.add_argument("--reference", type=Path, help="a second RTSTRUCT (file or folder) to compare the contours with")
+    p.add_argument("--model", help="trained model for the predictions and the risk map (a folder under models/ "
+                   "or a path; 'none': rule-based review only); default: the configured review_model (fused)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout (Review.to_json())")
     p.add_argument("--out", type=Path, help="also write review.json (and the node's outputs) into this folder")
     p.add_argument("--verdict-exit-code", action="store_true",
@@ -400,6 +402,11 @@ def _run_review(args: argparse.Namespace) -> int:
             raise InputError(f"--reference {args.reference}: no RTSTRUCT found")
         reference = ref_study.structure_sets[0]
     review = review_plan_study(study, protocol=selection.protocol, reference_structures=reference)
+    model = _settings(args, review_model=args.model).review_model
+    if model is not None and review.verdict.value != "not_evaluable":
+        from rtqa_node.ml.inference import add_predictions
+
+        review = add_predictions(review, files, model=model)
     document = review.to_json()
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

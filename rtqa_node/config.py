@@ -119,8 +119,17 @@ class Settings(_Strict):
     #: Trial protocol id (``rtqa_node/checks/protocols``) for every review; None: chosen per plan from its
     #: Clinical Trial Protocol ID or RT Plan Label, else generic checks only.
     review_protocol: str | None = None
+    #: The trained model that adds predictions and the attention risk map to every review: a folder name under
+    #: models/ (or ``$RTQA_MODELS_DIR``) or a path. None (``RTQA_REVIEW_MODEL=none``): the rule-based review only,
+    #: with the interim OAR-excess risk map. Research models, not for clinical decisions (models/README.md).
+    review_model: str | None = "fused"
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
+
+    @field_validator("review_model")
+    @classmethod
+    def _check_review_model(cls, value: str | None) -> str | None:
+        return None if value is None or value.strip().lower() in ("", "none", "off") else value.strip()
 
     @field_validator("allowed_calling_aes")
     @classmethod

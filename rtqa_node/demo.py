@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -84,6 +85,18 @@ def make_plan_study(out: Path) -> Path:
     return patients[0]
 
 
+def sr_predictions(dsrdump_lines: list[str]) -> list[tuple[str, float]]:
+    """(target, probability) of each "Prediction: <target>" group in ``dsrdump`` output, in document order."""
+    out, target = [], None
+    for line in dsrdump_lines:
+        if (m := re.search(r'"Tracking Identifier"\)="Prediction: ([^"]+)"', line)) is not None:
+            target = m.group(1)
+        elif target is not None and (m := re.search(r'"Probability"\)="([-0-9.eE+]+)"', line)) is not None:
+            out.append((target, float(m.group(1))))
+            target = None
+    return out
+
+
 def run_demo(*, data_dir: Path, plan_study: Path | None, timeout_s: float = 180.0) -> int:
     storescu, storescp = _require("storescu"), _require("storescp")
     data_dir = data_dir.resolve()
@@ -152,6 +165,10 @@ def run_demo(*, data_dir: Path, plan_study: Path | None, timeout_s: float = 180.
             more = (f"\n... {len(lines) - DSRDUMP_LINES} more lines: dsrdump {result_file}"
                     if len(lines) > DSRDUMP_LINES else "")
             _say(f"\n$ dsrdump {result_file.name}\n{shown}{more}")
+            predictions = sr_predictions(lines)
+            if predictions:
+                _say("\nthe SR's model predictions (research model, not for clinical decisions):\n"
+                     + "\n".join(f"   {target:<20} probability {p:.3f}" for target, p in predictions))
         _say(f"done: node data in {node_dir}, the TPS's copy in {tps_dir}")
         return 0
     finally:

@@ -38,7 +38,7 @@ class JsonLineFormatter(logging.Formatter):
 
 
 def configure(level: str = "INFO") -> None:
-    """Route all logging to stderr as JSON lines; quiet pynetdicom's per-message chatter."""
+    """Route all logging to stderr as JSON lines; quiet pynetdicom's, highdicom's and fontTools' chatter."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLineFormatter())
     root = logging.getLogger()
@@ -46,6 +46,10 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at INFO and, by default, the identifiers of requests (which can hold PHI).
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # highdicom logs the UIDs of the evidence it copies (UIDs go to logs only hashed); fontTools logs every
+    # glyph table it subsets when the summary PDF is written: both at INFO, neither useful to an operator
+    for name in ("highdicom", "fontTools"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.getEffectiveLevel()))
     from pynetdicom import _config
 
     _config.LOG_REQUEST_IDENTIFIERS = False

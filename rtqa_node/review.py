@@ -107,6 +107,17 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class AttentionMap:
+    """A spatial model's voxel attention on the plan dose grid (``mass``: (Z, Y, X) float32, >= 0): where in the
+    patient the prediction of ``target`` looked. ``report/`` draws it as the risk map."""
+
+    mass: object  # numpy array; kept untyped so that this module stays free of numpy
+    model: str
+    model_version: str
+    target: str = "xerostomia_severe"
+
+
+@dataclass(frozen=True)
 class Review:
     """Everything the review concluded about one plan study revision."""
 
@@ -117,6 +128,9 @@ class Review:
     metrics: dict = field(default_factory=dict)
     predictions: tuple[Prediction, ...] = ()
     algorithm_version: str = ""
+    #: the risk map behind the predictions, when a spatial model ran; an array, so not in :meth:`to_json`
+    #: (the risk map objects carry it)
+    attention: AttentionMap | None = field(default=None, compare=False, repr=False)
 
     @property
     def verdict(self) -> Verdict:

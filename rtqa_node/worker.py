@@ -42,7 +42,7 @@ from rtqa_node.errors import InputError, PermanentError, RetryableError
 from rtqa_node.queue import Job, JobKind, JobState, LeaseLost, Queue, enqueue
 from rtqa_node.report.kinds import KIND_BY_SOP_CLASS
 from rtqa_node.report.outputs import RESULT_VERSION, UID_KIND, result_uid
-from rtqa_node.review import Finding, Review, Severity
+from rtqa_node.review import Finding, Review, Severity, Verdict
 from rtqa_node.store import files as durable
 from rtqa_node.store.index import Index
 
@@ -90,16 +90,19 @@ def review_plan_study(files: Sequence[Path]) -> ReviewResult:
     return ReviewResult(objects=len(files), size_bytes=size, by_modality=dict(sorted(by_modality.items())))
 
 
-def run_review(files: Sequence[Path], *, configured_protocol: str | None = None) -> Review:
-    """The real review (:mod:`rtqa_node.checks`): load the plan study, pick the protocol, run the checks. A plan
-    study that cannot be loaded gives a not-evaluable Review, not an exception."""
+def run_review(files: Sequence[Path], *, configured_protocol: str | None = None,
+               model: str | None = None) -> Review:
+    """The real review (:mod:`rtqa_node.checks`): load the plan study, pick the protocol, run the checks, then
+    ``model``'s predictions and attention (:func:`rtqa_node.ml.inference.add_predictions`; the model is loaded
+    once per process). A plan study that cannot be loaded gives a not-evaluable Review, not an exception; a
+    model that cannot run leaves the rule-based review."""
     from rtqa_node.checks.pipeline import load_and_review
 
     review = load_and_review(files, configured_protocol=configured_protocol)
-    if os.environ.get("RTQA_ML") == "1":  # opt-in until report/ shows the predictions (docs, Models)
+    if model is not None and review.verdict is not Verdict.NOT_EVALUABLE:
         from rtqa_node.ml.inference import add_predictions
 
-        review = add_predictions(review, files)
+        review = add_predictions(review, files, model=model)
     return review
 
 
@@ -110,7 +113,8 @@ REVIEW: Callable[[Sequence[Path]], Review | ReviewResult] = run_review
 def build_results(paths: Sequence[Path], review: Review, *, plan_study_id: str, revision: int,
                   kinds: Sequence[str], predecessor: Path | None, with_study: bool = True):
     """The result objects of one revision (``rtqa_node.report.outputs.build_review_outputs``): the plan study is
-    loaded for the risk maps and the summary; a study that cannot be loaded gets the SR only."""
+    loaded for the risk maps and the summary; a study that cannot be loaded gets the SR only. The risk map is
+    the model's attention when the review carries one, else the interim OAR-excess map."""
     from rtqa_node.report.outputs import build_review_outputs
     from rtqa_node.report.sr import read_evidence
     from rtqa_node.rt.plan_study import load_plan_study
@@ -159,7 +163,8 @@ class Worker:
                  owner: str | None = None, parent_pid: int | None = None) -> None:
         self.settings = settings
         if review is None and REVIEW is run_review:
-            review = functools.partial(run_review, configured_protocol=settings.review_protocol)
+            review = functools.partial(run_review, configured_protocol=settings.review_protocol,
+                                       model=settings.review_model)
         self.review = review or REVIEW
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.parent_pid = parent_pid
@@ -320,8 +325,6 @@ class _Heartbeat:
 
 def run_worker(settings: Settings, *, parent_pid: int | None = None) -> int:
     """``rtqa worker``: run until SIGTERM/SIGINT (the current job is finished first)."""
-    # highdicom logs the SOP Instance UIDs of the evidence it copies at INFO; UIDs go to logs only hashed
-    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
     worker = Worker(settings, parent_pid=parent_pid)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: worker.stop.set())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pydicom
@@ -25,3 +26,8 @@ def test_demo_sends_a_synthetic_plan_study_and_shows_the_returned_sr(tmp_path):
     assert sr.SOPClassUID in ("1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34")
     assert sr.PatientName == "SYNTH^HN001" and risk_map.PatientName == "SYNTH^HN001"
     assert risk_map.DoseUnits == "RELATIVE" and "NOT DOSE" in risk_map.DoseComment
+    # the shipped model ran in the node's worker: its predictions are in the SR, its attention is the risk map
+    shown = dict(re.findall(r"^   (\w+) +probability ([0-9.]+)$", result.stdout, flags=re.M))
+    assert set(shown) == {"qa_major", "xerostomia_severe", "dysphagia_severe", "local_control"}, result.stdout
+    assert all(0.0 <= float(p) <= 1.0 for p in shown.values())
+    assert "attention of fused" in risk_map.ImageComments

@@ -108,3 +108,83 @@ def test_a_new_revision_sr_references_the_sr_it_supersedes(node, tmp_path):
     assert pre.ReferencedSOPInstanceUID == result_uid(ps_id, 1, "review")
     assert second.SOPInstanceUID == result_uid(ps_id, 2, "review")
     assert dciodvfy_errors(data_dir / rows[1]["path"]) == []
+
+
+def test_the_default_worker_adds_the_models_predictions_attention_risk_map_and_queues_by_predicted_risk(node):
+    """Settings.review_model defaults to the shipped fused model: the worker's real review (rules, then the
+    model, loaded once per process) puts four predictions into the SR and the PDF, sends the xerostomia
+    attention as the risk map, and queues the delivery at the predicted risk; review_model None: rules only."""
+    import json
+
+    import numpy as np
+
+    from rtqa_node.dispatch import DISPATCH_PRIORITY, review_risk
+    from rtqa_node.ml.inference import load_model
+    from rtqa_node.review import Prediction, Review
+    from rtqa_node.rt.plan_study import load_folder
+
+    folder, data_dir, store = node
+    (ps_id,) = _import(store, dicom_files(folder))
+    outputs = ("sr", "riskmap_rtdose", "pdf")
+    settings = load_settings(None, data_dir=data_dir, shadow_mode=True,
+                             default_destination=Destination(host="127.0.0.1", port=1, ae_title="X", outputs=outputs))
+    assert settings.review_model == "fused"
+    load_model.cache_clear()
+    worker = Worker(settings)
+    try:
+        _drain(worker, store, timeout_s=120.0)
+    finally:
+        worker.close()
+    job = {r["kind"]: dict(r) for r in store.index.query("SELECT * FROM jobs")}
+    result = json.loads(job["review"]["result"])
+    assert result["metrics"]["ml"]["status"] == "ok", result["metrics"]["ml"]
+    predictions = [Prediction(p["target"], p["probability"], p["model"], p["model_version"]) for p in result["predictions"]]
+    assert [p.target for p in predictions] == ["qa_major", "xerostomia_severe", "dysphagia_severe", "local_control"]
+    assert {p.model for p in predictions} == {"fused"}
+    assert all(p["top_instances"] for p in result["predictions"])
+    risk = review_risk(Review((), None, predictions=tuple(predictions)))
+    assert job["dispatch"]["priority"] == DISPATCH_PRIORITY + round(100 * risk)
+    assert load_model.cache_info().misses == 1
+
+    rows = {r["sop_class_uid"]: r for r in store.index.query("SELECT * FROM outbox")}
+    sr = pydicom.dcmread(data_dir / rows[SOP_CLASSES["sr"]]["path"])
+    text = str(sr.ContentSequence)
+    assert "Probability" in text and "fused" in text
+    rtdose = pydicom.dcmread(data_dir / rows[SOP_CLASSES["riskmap_rtdose"]]["path"])
+    assert "attention of fused" in rtdose.ImageComments
+    values = rtdose.pixel_array * float(rtdose.DoseGridScaling)
+    assert values.max() == pytest.approx(1.0, abs=1e-3)
+    # the shipped xerostomia branch is focused on a sub-region of the parotids: the map lies on the glands
+    from scipy.ndimage import binary_dilation
+
+    from rtqa_node.rt.geometry import rasterise_to_grid
+    from rtqa_node.rt.plan_study import plan_dose
+
+    study = load_folder(folder)
+    dose = plan_dose(study)
+    glands = np.zeros(dose.geometry.shape, dtype=bool)
+    for s in study.structure_set_for(dose).structures:
+        if s.name.startswith("Parotid"):
+            glands |= rasterise_to_grid(s, dose.geometry) > 0
+    near = binary_dilation(glands, iterations=2)
+    assert values[near].sum() > 0.9 * values.sum() > 0
+    assert dciodvfy_errors(data_dir / rows[SOP_CLASSES["riskmap_rtdose"]]["path"]) == []
+    import subprocess
+
+    summary = data_dir / "outbox" / ps_id / "r1-summary.pdf"
+    text = subprocess.run(["pdftotext", "-layout", str(summary), "-"], capture_output=True, text=True,
+                          check=True).stdout
+    xerostomia = next(p for p in predictions if p.target == "xerostomia_severe")
+    assert f"severe xerostomia {100 * xerostomia.probability:.0f} %" in text
+
+    # the same plan study with the model off: the rule-based review, the interim OAR-excess map
+    rules_only = load_settings(None, data_dir=data_dir, review_model="none")
+    assert rules_only.review_model is None
+    from rtqa_node.worker import build_results, run_review
+
+    review = run_review(dicom_files(folder), model=rules_only.review_model)
+    assert review.predictions == () and review.attention is None
+    objects = build_results(dicom_files(folder), review, plan_study_id=ps_id, revision=1,
+                            kinds=("sr", "riskmap_rtdose"), predecessor=None).objects
+    (riskmap_obj,) = [o for o in objects if o.kind == "riskmap_rtdose"]
+    assert "attention" not in riskmap_obj.dataset.ImageComments

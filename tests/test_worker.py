@@ -53,8 +53,11 @@ def test_review_writes_a_result_with_a_deterministic_uid_and_queues_its_dispatch
     jobs = {r["kind"]: dict(r) for r in store.index.query("SELECT * FROM jobs")}
     assert jobs["review"]["state"] == "done" and jobs["dispatch"]["state"] == "done"
     assert '"CT": 98' in jobs["review"]["result"]
-    # its delivery is queued at the plan's risk: the rule verdict here (RTQA_ML is off)
-    verdict = json.loads(jobs["review"]["result"])["verdict"]
+    # its delivery is queued at the plan's risk: the rule verdict here, since a breast plan is outside the
+    # (head-and-neck) models' intended use and gets no predictions
+    result = json.loads(jobs["review"]["result"])
+    assert result["predictions"] == [] and result["metrics"]["ml"]["status"].startswith("not applicable")
+    verdict = result["verdict"]
     assert jobs["dispatch"]["priority"] == {"per_protocol": 100, "minor": 150, "major": 200,
                                             "not_evaluable": 175}[verdict]
     (outbox,) = store.index.query("SELECT * FROM outbox")

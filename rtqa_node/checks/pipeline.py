@@ -329,4 +329,13 @@ def format_review(review: Review) -> str:
                 return f"{v:8.2f}" if v is not None else "       -"
             out.append(f"{name:<22} {m['tg263'] or '?':<18} {m['volume_cc']:9.2f} {f(m['mean_gy'])} "
                        f"{f(m['max_gy'])} {f(m['d95_gy'])}")
+    if review.predictions:
+        p0 = review.predictions[0]
+        out += ["", f"predictions ({p0.model} {p0.model_version}; research model, not for clinical decisions)",
+                f"{'target':<20} {'probability':>11}  top instances (attention)"]
+        for p in review.predictions:
+            top = ", ".join(f"{n} {w:.2f}" for n, w in p.top_instances[:3])
+            out.append(f"{p.target:<20} {p.probability:11.3f}  {top}")
+    elif (ml := review.metrics.get("ml")) is not None:
+        out += ["", f"predictions: none ({ml.get('status')})"]
     return "\n".join(out) + "\n"

@@ -1,10 +1,11 @@
 """Inference for the worker: the default model is loaded once per process, and a reviewed plan study gets its
 predictions (calibrated probabilities with the top-attended instances) and a per-voxel risk map.
 
-``add_predictions(review, files)`` is what the worker calls after the rule-based review: it reuses the review's
-DVH metrics (``review.metrics["structures"]``, TG-263 names from the review's name matching), builds the bags
-on the same code path as training (``bags.bags_from_plan_study``) and returns the Review with ``predictions``
-and ``metrics["ml"]``. ``predict(study, ...)`` returns the risk map array too (for ``report/``). A model that
+``add_predictions(review, files, model=...)`` is what the worker (and ``rtqa review``) calls after the rule-based
+review: it reuses the review's DVH metrics (``review.metrics["structures"]``, TG-263 names from the review's
+name matching), builds the bags on the same code path as training (``bags.bags_from_plan_study``) and returns
+the Review with ``predictions``, ``metrics["ml"]`` and, for a spatial or fused model, ``attention`` (the
+xerostomia branch's voxel attention on the dose grid, which ``report/`` draws as the risk map). A model that
 cannot run leaves the review as it was, with the reason in ``metrics["ml"]``: ML never blocks a review.
 """
 
@@ -31,12 +32,21 @@ from rtqa_node.ml.bags import (
 )
 from rtqa_node.ml.mil import BINARY_TARGETS, TASKS, VERDICT_CLASSES
 from rtqa_node.ml.train import MODEL_VERSION, TrainedModel, forward
-from rtqa_node.review import Prediction, Review
+from rtqa_node.review import AttentionMap, Prediction, Review
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "fused"
 TOP_INSTANCES = 5
+#: the models' intended use is head-and-neck plans (models/README.md): a plan study gets predictions only when
+#: its structures include a parotid and the brainstem or spinal cord (TG-263 names, the review's matching)
+SCOPE_ORGANS = (("Parotid_L", "Parotid_R"), ("Brainstem", "SpinalCord"))
+
+
+def out_of_scope(structures: Mapping[str, object]) -> str | None:
+    """Why a plan study with these TG-263 structure names is outside the models' intended use; None inside."""
+    missing = [" or ".join(group) for group in SCOPE_ORGANS if not any(o in structures for o in group)]
+    return f"not applicable: no {' and no '.join(missing)} (head-and-neck models)" if missing else None
 
 
 def models_dir() -> Path:
@@ -136,22 +146,39 @@ def _review_metrics(review: Review) -> tuple[dict[str, StructureMetrics], dict[s
     return metrics, names
 
 
-def add_predictions(review: Review, files: Sequence[Path]) -> Review:
-    """The review with the default model's predictions; unchanged (reason in metrics["ml"]) when the model
-    cannot run (no model, no dose, a bug): ML never blocks a review."""
+def model_folder(model: str) -> Path:
+    """A model by name (a folder under :func:`models_dir`: ``fused``, ``spatial``, ``tabular``...) or by path."""
+    path = Path(model)
+    return path if path.is_absolute() or len(path.parts) > 1 else models_dir() / model
+
+
+def add_predictions(review: Review, files: Sequence[Path], *, model: str = DEFAULT_MODEL) -> Review:
+    """The review with ``model``'s predictions (and its attention, for a spatial or fused model); unchanged, the
+    reason in metrics["ml"], when the model cannot run (no weights, no dose, a bug): ML never blocks a review."""
     from rtqa_node.rt.plan_study import load_plan_study
 
-    folder = models_dir() / DEFAULT_MODEL
+    folder = model_folder(model)
     try:
         if not (folder / "model.pt").exists():
-            return dataclasses.replace(review, metrics={**review.metrics, "ml": {"status": "no model"}})
-        study = load_plan_study(files)
+            log.warning("ml_model_missing", extra={"model": model})
+            return dataclasses.replace(review, metrics={**review.metrics, "ml": {"status": "no model",
+                                                                                 "model": model}})
         metrics, names = _review_metrics(review)
-        result = predict(study, metrics or None, standard_names=names)
+        if (reason := out_of_scope(metrics)) is not None:
+            return dataclasses.replace(review, metrics={**review.metrics, "ml": {"status": reason, "model": model}})
+        trained = load_model(str(folder))
+        study = load_plan_study(files)
+        t0 = time.perf_counter()
+        result = predict(study, metrics or None, standard_names=names, model=trained)
+        total_s = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - reported in the review, never raised into the worker
         log.warning("ml_prediction_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
-        return dataclasses.replace(review, metrics={**review.metrics, "ml": {"status": f"failed: {type(exc).__name__}"}})
-    ml = {"status": "ok", "model": DEFAULT_MODEL, "inference_s": round(result.inference_s, 3),
+        return dataclasses.replace(review, metrics={**review.metrics, "ml": {"status": f"failed: {type(exc).__name__}",
+                                                                             "model": model}})
+    ml = {"status": "ok", "model": trained.name, "model_version": f"{MODEL_VERSION}/{trained.name}",
+          "forward_s": round(result.inference_s, 4), "inference_s": round(total_s, 3),
           "top_regions_xerostomia": [list(r) for r in result.top_regions]}
+    attention = None if result.risk_map is None else AttentionMap(
+        result.risk_map, trained.name, f"{MODEL_VERSION}/{trained.name}")
     return dataclasses.replace(review, predictions=review.predictions + result.predictions,
-                               metrics={**review.metrics, "ml": ml})
+                               metrics={**review.metrics, "ml": ml}, attention=attention)

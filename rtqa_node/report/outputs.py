@@ -26,6 +26,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from rtqa_node.errors import InputError
 from rtqa_node.report import render, riskmap, sr
 from rtqa_node.report.kinds import OUTPUT_KINDS, PARAMETRIC_MAP, PDF, RISKMAP_RTDOSE, SR
 from rtqa_node.review import Review
@@ -34,7 +35,8 @@ from rtqa_node.rt.plan_study import PlanStudy
 log = logging.getLogger(__name__)
 
 #: Part of the result UIDs: bump when the result content changes meaning, so new results get new UIDs.
-RESULT_VERSION = "report-1"
+#: report-2: the model's predictions and its attention as the risk map, by default (Settings.review_model)
+RESULT_VERSION = "report-2"
 _UID_NAMESPACE = uuid.UUID("6f1c8a52-63c0-4b7e-9d5e-0a3c1f2b7e41")
 
 #: the result kind in the UID (and outbox file name) of each output; the SR keeps the job kind "review"
@@ -75,8 +77,8 @@ def build_review_outputs(review: Review, study: PlanStudy | None, evidence: Sequ
                          plan_study_id: str, revision: int, kinds: Iterable[str] = OUTPUT_KINDS,
                          predecessors: Sequence[Dataset] = (), risk: riskmap.RiskMap | None = None) -> ReviewOutputs:
     """Build the requested outputs (the SR always). ``study`` None (nothing loadable): the SR only.
-    ``risk``: a spatial model's map (:func:`rtqa_node.report.riskmap.attention_risk_map`); without it, the interim
-    OAR-excess map (:func:`rtqa_node.report.riskmap.oar_excess_risk_map`).
+    ``risk``: the risk map to send; without it, the model's attention when the review carries one
+    (:func:`model_risk_map`), else the interim OAR-excess map (:func:`rtqa_node.report.riskmap.oar_excess_risk_map`).
 
     Raises:
         ValueError: an unknown output kind, or no evidence.
@@ -102,7 +104,7 @@ def _build(review: Review, study: PlanStudy | None, evidence: Sequence[Dataset],
 
     objects = [ReportObject(SR, sr.build_review_sr(review, evidence, predecessors=predecessors, **uids(SR)))]
     if risk is None and study is not None and kinds & {RISKMAP_RTDOSE, PARAMETRIC_MAP, PDF}:
-        risk = riskmap.oar_excess_risk_map(review, study)
+        risk = model_risk_map(review, study) or riskmap.oar_excess_risk_map(review, study)
     if risk is not None and RISKMAP_RTDOSE in kinds:
         objects.append(ReportObject(RISKMAP_RTDOSE, riskmap.riskmap_rtdose(risk, plan, **uids(RISKMAP_RTDOSE))))
     if risk is not None and PARAMETRIC_MAP in kinds and study is not None and study.ct is not None \
@@ -119,6 +121,19 @@ def _build(review: Review, study: PlanStudy | None, evidence: Sequence[Dataset],
         objects.append(ReportObject(PDF, render.encapsulated_pdf(summary.pdf_bytes, plan, document_title=title,
                                                                  **uids(PDF))))
     return ReviewOutputs(tuple(objects), summary)
+
+
+def model_risk_map(review: Review, study: PlanStudy) -> riskmap.RiskMap | None:
+    """The review's model attention (``Review.attention``) as a risk map on the plan dose grid; None without one,
+    or when it does not fit this study's dose grid (logged: the interim map is sent instead)."""
+    if review.attention is None:
+        return None
+    a = review.attention
+    try:
+        return riskmap.attention_risk_map(a.mass, study, model=a.model, model_version=a.model_version)
+    except (ValueError, InputError) as exc:
+        log.warning("attention_risk_map_unusable", extra={"model": a.model, "error": str(exc)[:200]})
+        return None
 
 
 def file_stem(plan_study_id: str, revision: int) -> str:

@@ -48,6 +48,16 @@ class Summary:
     png_bytes: bytes
 
 
+#: how the summary names each prediction target; probabilities of an adverse event, except local control
+_TARGET_TEXT = {"qa_major": "major deviation (expert QA)", "xerostomia_severe": "severe xerostomia",
+                "dysphagia_severe": "severe dysphagia", "local_control": "local control"}
+
+
+def prediction_line(review: Review) -> str:
+    """One line: each prediction's probability, in the model's order (``major deviation (expert QA) 12 %, ...``)."""
+    return ", ".join(f"{_TARGET_TEXT.get(p.target, p.target)} {100 * p.probability:.0f} %" for p in review.predictions)
+
+
 def finding_lines(review: Review) -> list[tuple[str, str, str]]:
     """(severity, code, message) per finding, in the order of the review (the table rows, and the SR's)."""
     return [(f.severity.value, f.code, f.message) for f in review.findings]
@@ -235,6 +245,8 @@ def render_summary(review: Review, study: PlanStudy | None, risk: RiskMap | None
         head.text(0, 0.25, f"Protocol: {review.protocol or 'none (generic checks)'}    "
                   f"Algorithm: rtqa-node {review.algorithm_version or rtqa_node.__version__}    Models: {models}",
                   fontsize=8, va="top")
+        if review.predictions:
+            head.text(0, 0.13, "Predicted (research model): " + prediction_line(review), fontsize=8, va="top")
         head.text(0, 0.02, "Research software, not for clinical use. Details: the DICOM SR of this review.",
                   fontsize=7, va="top", color="#555555")
 
