@@ -142,6 +142,11 @@ def test_the_default_worker_adds_the_models_predictions_attention_risk_map_and_q
     assert [p.target for p in predictions] == ["qa_major", "xerostomia_severe", "dysphagia_severe", "local_control"]
     assert {p.model for p in predictions} == {"fused"}
     assert all(p["top_instances"] for p in result["predictions"])
+    # the organs behind each prediction: tabular instances, then the spatial side's regions; the shipped
+    # xerostomia branch attends the parotids only
+    xerostomia_top = next(p["top_instances"] for p in result["predictions"] if p["target"] == "xerostomia_severe")
+    regions = [t["name"] for t in xerostomia_top if t["name"].endswith(" (CT+dose region)")]
+    assert regions and all(r.startswith("Parotid_") for r in regions), xerostomia_top
     risk = review_risk(Review((), None, predictions=tuple(predictions)))
     assert job["dispatch"]["priority"] == DISPATCH_PRIORITY + round(100 * risk)
     assert load_model.cache_info().misses == 1

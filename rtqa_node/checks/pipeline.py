@@ -334,7 +334,7 @@ def format_review(review: Review) -> str:
         out += ["", f"predictions ({p0.model} {p0.model_version}; research model, not for clinical decisions)",
                 f"{'target':<20} {'probability':>11}  top instances (attention)"]
         for p in review.predictions:
-            top = ", ".join(f"{n} {w:.2f}" for n, w in p.top_instances[:3])
+            top = ", ".join(f"{n} {w:.2f}" for n, w in p.top_instances)
             out.append(f"{p.target:<20} {p.probability:11.3f}  {top}")
     elif (ml := review.metrics.get("ml")) is not None:
         out += ["", f"predictions: none ({ml.get('status')})"]

@@ -25,6 +25,7 @@ import torch
 
 from rtqa_node.ml.bags import (
     PATCH_SHAPE,
+    SPATIAL_ORGANS,
     PatientBags,
     StructureMetrics,
     bags_from_plan_study,
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "fused"
 TOP_INSTANCES = 5
+#: a fused model's top instances end with its spatial side's most-attended organ regions, named with this suffix
+TOP_REGIONS = 2
+REGION_SUFFIX = " (CT+dose region)"
 #: the models' intended use is head-and-neck plans (models/README.md): a plan study gets predictions only when
 #: its structures include a parotid and the brainstem or spinal cord (TG-263 names, the review's matching)
 SCOPE_ORGANS = (("Parotid_L", "Parotid_R"), ("Brainstem", "SpinalCord"))
@@ -108,7 +112,12 @@ def predict_bags(model: TrainedModel, bags: PatientBags) -> MlResult:
         else:
             return ()
         order = np.argsort(-a[: len(names)])[:TOP_INSTANCES]
-        return tuple((names[i], round(float(a[i]), 4)) for i in order)
+        out = [(names[i], round(float(a[i]), 4)) for i in order]
+        if tab_att is not None and spatial is not None:  # fused: its spatial side names the organs it looked at
+            ra = spatial.region_attention[0, k].cpu().numpy()
+            out += [(f"{SPATIAL_ORGANS[i]}{REGION_SUFFIX}", round(float(ra[i]), 4))
+                    for i in np.argsort(-ra)[:TOP_REGIONS] if ra[i] > 0]
+        return tuple(out)
 
     predictions = [Prediction("qa_major", float(np.clip(verdict[2], 0, 1)), model.name, version, top(0))]
     for k, target in enumerate(BINARY_TARGETS):
@@ -119,8 +128,6 @@ def predict_bags(model: TrainedModel, bags: PatientBags) -> MlResult:
         k = TASKS.index("xerostomia_severe")
         voxel = spatial.voxel_attention[0, k].cpu().numpy().reshape((-1,) + PATCH_SHAPE)
         rmap = risk_map(bags.spatial, voxel, bags.grid_shape)
-        from rtqa_node.ml.bags import SPATIAL_ORGANS
-
         ra = spatial.region_attention[0, k].cpu().numpy()
         regions = tuple((SPATIAL_ORGANS[i], round(float(ra[i]), 4)) for i in np.argsort(-ra) if ra[i] > 0)
     return MlResult(tuple(predictions), rmap, regions, time.perf_counter() - t0)
