@@ -115,6 +115,7 @@ def test_the_default_worker_adds_the_models_predictions_attention_risk_map_and_q
     model, loaded once per process) puts four predictions into the SR and the PDF, sends the xerostomia
     attention as the risk map, and queues the delivery at the predicted risk; review_model None: rules only."""
     import json
+    import subprocess
 
     import numpy as np
 
@@ -152,9 +153,11 @@ def test_the_default_worker_adds_the_models_predictions_attention_risk_map_and_q
     assert load_model.cache_info().misses == 1
 
     rows = {r["sop_class_uid"]: r for r in store.index.query("SELECT * FROM outbox")}
-    sr = pydicom.dcmread(data_dir / rows[SOP_CLASSES["sr"]]["path"])
-    text = str(sr.ContentSequence)
-    assert "Probability" in text and "fused" in text
+    text = subprocess.run(["dsrdump", str(data_dir / rows[SOP_CLASSES["sr"]]["path"])], capture_output=True,
+                          text=True, check=True).stdout
+    assert text.count('(,,"Probability")') == 4 and '"Algorithm Name")="fused"' in text
+    assert "(CT+dose region)" in text
+    assert dciodvfy_errors(data_dir / rows[SOP_CLASSES["sr"]]["path"]) == []
     rtdose = pydicom.dcmread(data_dir / rows[SOP_CLASSES["riskmap_rtdose"]]["path"])
     assert "attention of fused" in rtdose.ImageComments
     values = rtdose.pixel_array * float(rtdose.DoseGridScaling)
@@ -174,8 +177,6 @@ def test_the_default_worker_adds_the_models_predictions_attention_risk_map_and_q
     near = binary_dilation(glands, iterations=2)
     assert values[near].sum() > 0.9 * values.sum() > 0
     assert dciodvfy_errors(data_dir / rows[SOP_CLASSES["riskmap_rtdose"]]["path"]) == []
-    import subprocess
-
     summary = data_dir / "outbox" / ps_id / "r1-summary.pdf"
     text = subprocess.run(["pdftotext", "-layout", str(summary), "-"], capture_output=True, text=True,
                           check=True).stdout
