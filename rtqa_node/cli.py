@@ -403,7 +403,7 @@ def _run_review(args: argparse.Namespace) -> int:
         reference = ref_study.structure_sets[0]
     review = review_plan_study(study, protocol=selection.protocol, reference_structures=reference)
     model = _settings(args, review_model=args.model).review_model
-    if model is not None and review.verdict.value != "not_evaluable":
+    if model is not None:
         from rtqa_node.ml.inference import add_predictions
 
         review = add_predictions(review, files, model=model)

@@ -42,7 +42,7 @@ from rtqa_node.errors import InputError, PermanentError, RetryableError
 from rtqa_node.queue import Job, JobKind, JobState, LeaseLost, Queue, enqueue
 from rtqa_node.report.kinds import KIND_BY_SOP_CLASS
 from rtqa_node.report.outputs import RESULT_VERSION, UID_KIND, result_uid
-from rtqa_node.review import Finding, Review, Severity, Verdict
+from rtqa_node.review import Finding, Review, Severity
 from rtqa_node.store import files as durable
 from rtqa_node.store.index import Index
 
@@ -99,7 +99,7 @@ def run_review(files: Sequence[Path], *, configured_protocol: str | None = None,
     from rtqa_node.checks.pipeline import load_and_review
 
     review = load_and_review(files, configured_protocol=configured_protocol)
-    if model is not None and review.verdict is not Verdict.NOT_EVALUABLE:
+    if model is not None:
         from rtqa_node.ml.inference import add_predictions
 
         review = add_predictions(review, files, model=model)

@@ -33,7 +33,7 @@ from rtqa_node.ml.bags import (
 )
 from rtqa_node.ml.mil import BINARY_TARGETS, TASKS, VERDICT_CLASSES
 from rtqa_node.ml.train import MODEL_VERSION, TrainedModel, forward
-from rtqa_node.review import AttentionMap, Prediction, Review
+from rtqa_node.review import AttentionMap, Prediction, Review, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +161,13 @@ def model_folder(model: str) -> Path:
 
 def add_predictions(review: Review, files: Sequence[Path], *, model: str = DEFAULT_MODEL) -> Review:
     """The review with ``model``'s predictions (and its attention, for a spatial or fused model); unchanged, the
-    reason in metrics["ml"], when the model cannot run (no weights, no dose, a bug): ML never blocks a review."""
+    reason in metrics["ml"], when the model does not apply (a not-evaluable plan study, one outside the models'
+    head-and-neck scope) or cannot run (no weights, a bug): ML never blocks a review."""
     from rtqa_node.rt.plan_study import load_plan_study
 
+    if review.verdict is Verdict.NOT_EVALUABLE:
+        return dataclasses.replace(review, metrics={**review.metrics, "ml": {
+            "status": "not applicable: the plan study could not be evaluated", "model": model}})
     folder = model_folder(model)
     try:
         if not (folder / "model.pt").exists():
