@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from rtqa_node.errors import InputError
-from rtqa_node.rt.dvh import Dvh, structure_dvh, _cumulative, _Samples
+from rtqa_node.rt.dvh import structure_dvh, _cumulative, _Samples
 from rtqa_node.rt.dvh_report import compute_study_dvhs
 from rtqa_node.rt.geometry import EndCap, Interpolation, RasterSettings, rasterise_plane, Lattice, voxelise
 from rtqa_node.rt.plan_study import (Contour, DoseGrid, GridGeometry, Structure, dicom_files, load_folder,
