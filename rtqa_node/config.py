@@ -181,6 +181,18 @@ def _from_environment(fields: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+def models_dir() -> Path:
+    """$RTQA_MODELS_DIR, else the repository's models/ folder (an installed, non-editable package needs the
+    variable: deploy/Containerfile sets it)."""
+    return Path(os.environ.get("RTQA_MODELS_DIR") or Path(__file__).resolve().parents[1] / "models")
+
+
+def model_folder(model: str) -> Path:
+    """A model by name (a folder under :func:`models_dir`: ``fused``, ``spatial``, ``tabular``...) or by path."""
+    path = Path(model)
+    return path if path.is_absolute() or len(path.parts) > 1 else models_dir() / model
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Read the TOML file (if any), then the environment, then ``overrides`` (``None`` values are ignored).
 

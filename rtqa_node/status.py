@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from rtqa_node.config import Settings
+from rtqa_node.config import Settings, model_folder
 from rtqa_node.store.index import Index
 
 
@@ -48,7 +48,16 @@ def collect_status(settings: Settings) -> dict:
         "dead_letters": dead_letters,
         "outbox": outbox,
         "index_tables": tables,
+        "review_model": _review_model(settings),
     }
+
+
+def _review_model(settings: Settings) -> dict | None:
+    """The configured review model and whether its weights are there (without loading torch)."""
+    if settings.review_model is None:
+        return None
+    folder = model_folder(settings.review_model)
+    return {"name": settings.review_model, "folder": str(folder), "present": (folder / "model.pt").is_file()}
 
 
 def _plan_studies(index: Index) -> list[dict]:
@@ -121,6 +130,12 @@ def format_status(doc: dict) -> str:
         f"{doc['studies']} studies",
         "  by modality: " + (", ".join(f"{m} {n}" for m, n in doc["modalities"].items()) or "none"),
     ]
+    model = doc.get("review_model")
+    if model is None:
+        lines.append("  review model: none (rule-based review only)")
+    else:
+        state = "" if model["present"] else " MISSING: reviews get no predictions (set RTQA_MODELS_DIR)"
+        lines.append(f"  review model: {model['name']} ({model['folder']}){state}")
     if doc["conflicting_versions"]:
         lines.append(f"  objects re-sent with different content (kept as new versions): {doc['conflicting_versions']}")
     for study in doc["study_list"]:

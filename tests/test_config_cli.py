@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tomllib
 
@@ -76,3 +77,10 @@ def test_status_json_is_one_document_on_stdout(rt_data, tmp_path):
     assert isinstance(document["plan_studies"], list) and isinstance(document["jobs"], dict)
     text = run_rtqa("status", "--data-dir", str(node.data_dir))
     assert "objects: 4" in text.stdout
+    # the review model the workers use, and whether its weights are where they are looked for
+    assert document["review_model"] == {"name": "fused", "folder": str(REPO / "models" / "fused"), "present": True}
+    missing = run_rtqa("status", "--data-dir", str(node.data_dir),
+                       env={**os.environ, "RTQA_MODELS_DIR": str(tmp_path / "no-models")})
+    assert f"review model: fused ({tmp_path / 'no-models' / 'fused'}) MISSING" in missing.stdout
+    off = run_rtqa("status", "--data-dir", str(node.data_dir), "--json", env={**os.environ, "RTQA_REVIEW_MODEL": "none"})
+    assert json.loads(off.stdout)["review_model"] is None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rtqa_node.config import model_folder, models_dir
 from rtqa_node.ml.bags import (
     PATCH_SHAPE,
     SPATIAL_ORGANS,
@@ -51,11 +51,6 @@ def out_of_scope(structures: Mapping[str, object]) -> str | None:
     """Why a plan study with these TG-263 structure names is outside the models' intended use; None inside."""
     missing = [" or ".join(group) for group in SCOPE_ORGANS if not any(o in structures for o in group)]
     return f"not applicable: no {' and no '.join(missing)} (head-and-neck models)" if missing else None
-
-
-def models_dir() -> Path:
-    """$RTQA_MODELS_DIR, else the repository's models/ folder."""
-    return Path(os.environ.get("RTQA_MODELS_DIR") or Path(__file__).resolve().parents[2] / "models")
 
 
 @functools.lru_cache(maxsize=4)
@@ -151,12 +146,6 @@ def _review_metrics(review: Review) -> tuple[dict[str, StructureMetrics], dict[s
             continue
         metrics[std] = StructureMetrics(std, *(max(float(m[k]), 0.0) for k in keys))
     return metrics, names
-
-
-def model_folder(model: str) -> Path:
-    """A model by name (a folder under :func:`models_dir`: ``fused``, ``spatial``, ``tabular``...) or by path."""
-    path = Path(model)
-    return path if path.is_absolute() or len(path.parts) > 1 else models_dir() / model
 
 
 def add_predictions(review: Review, files: Sequence[Path], *, model: str = DEFAULT_MODEL) -> Review:
