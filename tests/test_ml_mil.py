@@ -102,12 +102,12 @@ def test_tabular_mil_learns_a_planted_signal_and_attends_to_its_instance():
     assert float(on_target.mean()) > 0.5  # 5-8 instances per bag: uniform weight would be 0.12-0.2
 
 
-def test_target_response_reads_its_named_instances_and_fills_a_missing_one():
+def test_instance_response_reads_its_named_instances_and_fills_a_missing_one():
     """The local-control offset: b + softplus(u) x D98(CTV_70) - softplus(v) x log volume(GTV_70), read by name
     whatever the instance order, the training mean where a structure is missing; starts at a fitted logistic."""
-    from rtqa_node.ml.mil import LOGITS, VERDICT_CLASSES, TargetResponse
+    from rtqa_node.ml.mil import LOGITS, VERDICT_CLASSES, InstanceResponse
 
-    tr = TargetResponse()
+    tr = InstanceResponse("local_control")
     tr.initialise(intercept=0.5, slopes=[2.0, -0.7], fill=[0.9, 3.0])
     x = torch.zeros(2, 4, len(TABULAR_FEATURES))
     names = torch.tensor([[STRUCTURE_VOCAB.index("GTV_70"), STRUCTURE_VOCAB.index("CTV_70"), 0, 0],
@@ -125,3 +125,19 @@ def test_target_response_reads_its_named_instances_and_fills_a_missing_one():
     assert torch.count_nonzero(out[:, :slot]) == 0  # the other logits are untouched
     tr.initialise(intercept=0.0, slopes=[-1.0, 1.0], fill=[0.9, 3.0])  # wrong signs start at ~0, not flipped
     assert float(tr(x, names, mask)[:, slot].abs().max()) < 0.01
+
+
+def test_the_dysphagia_offset_reads_the_constrictor_and_supraglottic_means_into_the_dysphagia_logit():
+    from rtqa_node.ml.mil import BINARY_TARGETS, LOGITS, VERDICT_CLASSES, InstanceResponse
+
+    r = InstanceResponse("dysphagia_severe")
+    r.initialise(intercept=-5.5, slopes=[3.5, 2.2], fill=[0.6, 0.5])
+    x = torch.zeros(1, 3, len(TABULAR_FEATURES))
+    names = torch.tensor([[STRUCTURE_VOCAB.index("Larynx_SG"), STRUCTURE_VOCAB.index("Parotid_L"),
+                           STRUCTURE_VOCAB.index("Musc_Constrict_S")]])
+    mean = TABULAR_FEATURES.index("mean")
+    x[0, :, mean] = torch.tensor([0.4, 0.9, 0.7])  # the parotid's mean must not count
+    out = r(x, names, torch.ones(1, 3, dtype=torch.bool))
+    slot = len(VERDICT_CLASSES) + BINARY_TARGETS.index("dysphagia_severe")
+    assert torch.allclose(out[0, slot], torch.tensor(-5.5 + 3.5 * 0.7 + 2.2 * 0.4), atol=1e-5)
+    assert torch.count_nonzero(out) == 1 and out.shape == (1, LOGITS)

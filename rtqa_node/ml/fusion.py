@@ -1,7 +1,7 @@
 """Late fusion of the tabular and spatial bag embeddings, per task branch: z_k = MLP([z_tab_k ; z_spatial_k]),
 then the task heads, plus the spatial encoder's dose-response offset on the toxicity logits
-(``spatial.DoseResponse``) and a tumour-control offset on the local-control logit (``mil.TargetResponse``). Both encoders keep
-their own attention, so the fused model explains itself with both the top organs/metrics and the risk map."""
+(``spatial.DoseResponse``) and logistic offsets on named tabular instances for local control and dysphagia
+(``mil.InstanceResponse``). Both encoders keep their own attention, so the fused model explains itself with both the top organs/metrics and the risk map."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rtqa_node.ml.mil import TabularConfig, TabularEncoder, TargetResponse, TaskHeads
+from rtqa_node.ml.mil import RESPONSE_INPUTS, InstanceResponse, TabularConfig, TabularEncoder, TaskHeads
 from rtqa_node.ml.spatial import DoseResponse, SpatialConfig, SpatialEncoder, SpatialOutput
 
 
@@ -31,12 +31,13 @@ class FusedMil(nn.Module):
         self.fuse = nn.Sequential(nn.Linear(self.tabular.dim + self.spatial.dim, hidden), nn.ReLU())
         self.heads = TaskHeads(hidden)
         self.dose_response = DoseResponse()  # on the spatial encoder's pooled dose (spatial.DoseResponse)
-        self.target_response = TargetResponse()  # on two named tabular instances (mil.TargetResponse)
+        # logistic offsets on named tabular instances: local control, dysphagia (mil.InstanceResponse)
+        self.instance_responses = nn.ModuleDict({task: InstanceResponse(task) for task in RESPONSE_INPUTS})
 
     def forward(self, x, name_index, tab_mask, voxels, features, region, spa_mask) -> FusedOutput:
         zt, at = self.tabular(x, name_index, tab_mask)  # (B, K, Dt), (B, K, Nt)
         zs, so = self.spatial(voxels, features, region, spa_mask)  # (B, K, Ds)
         z = self.fuse(torch.cat([zt, zs], dim=-1))  # (B, K, H)
         logits = (self.heads(z) + self.dose_response(so.pooled_dose, so.organ_dose)
-                  + self.target_response(x, name_index, tab_mask))
+                  + sum(r(x, name_index, tab_mask) for r in self.instance_responses.values()))
         return FusedOutput(logits, at, so)

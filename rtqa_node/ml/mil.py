@@ -128,32 +128,40 @@ class TaskHeads(nn.Module):
 
 def inverse_softplus(w: float, floor: float = 1e-3) -> float:
     """The raw parameter whose softplus is ``w`` (at least ``floor``: softplus never reaches 0): how the offsets
-    (``TargetResponse``, ``spatial.DoseResponse``) start a non-negative slope at a fitted value."""
+    (``InstanceResponse``, ``spatial.DoseResponse``) start a non-negative slope at a fitted value."""
     return float(np.log(np.expm1(max(w, floor))))
 
 
-#: the local-control offset's inputs (``TargetResponse``): (structure, TABULAR_FEATURES column, sign of its slope)
-TARGET_RESPONSE_INPUTS = (("CTV_70", "d98", 1.0), ("GTV_70", "log_volume_cc", -1.0))
+#: logistic offsets on named tabular instances (``InstanceResponse``), per task: (structure, TABULAR_FEATURES
+#: column, sign of its slope). Local control rises with the dose covering the target and falls with the tumour's
+#: volume (a TCP with a volume-dependent TCD50); severe dysphagia rises with the mean doses of the superior
+#: constrictor and the supraglottic larynx (the published NTCP's two organs, ``baselines.published_models``).
+RESPONSE_INPUTS: dict[str, tuple[tuple[str, str, float], ...]] = {
+    "dysphagia_severe": (("Musc_Constrict_S", "mean", 1.0), ("Larynx_SG", "mean", 1.0)),
+    "local_control": (("CTV_70", "d98", 1.0), ("GTV_70", "log_volume_cc", -1.0)),
+}
 
 
-class TargetResponse(nn.Module):
-    """A logistic tumour-control offset added to the local-control logit, read from two named tabular instances:
-    b + softplus(u) x D98(CTV_70) - softplus(v) x log volume(GTV_70). Control rises with the dose covering the
-    target and falls with the tumour's volume: the form of a TCP with a volume-dependent TCD50, as the published
-    baseline (``baselines.published_models``) and the cohort generator use. Why: every MIL variant ranked local
-    control below chance on the external sites (AUC 0.44-0.52, model version 2) where a logistic on these two
-    features, fitted on the same training patients, reached 0.634 (published TCP 0.631): the attention heads
-    fitted site-specific patterns instead. A structure missing from a bag gets ``fill`` (the training mean).
-    :meth:`initialise` starts it at a logistic fit on the training patients (``train.py``)."""
+class InstanceResponse(nn.Module):
+    """A logistic offset added to one task's logit, read from named tabular instances:
+    b + sum_i sign_i x softplus(u_i) x feature_i (``RESPONSE_INPUTS[task]``). Why: every MIL variant ranked local
+    control below chance on the external sites (AUC 0.44-0.52, model version 2) where a logistic on CTV_70 D98
+    and GTV_70 log volume, fitted on the same training patients, reached 0.634 (published TCP 0.631); the fused
+    model's dysphagia trailed a logistic on the constrictor and supraglottic means by 0.03-0.05 on three cohorts
+    (version 4): the attention heads fitted site-specific patterns instead. A structure missing from a bag gets
+    ``fill`` (the training mean). :meth:`initialise` starts it at a logistic fit on the training patients
+    (``train.start_instance_responses``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, task: str) -> None:
         super().__init__()
-        self.slot = len(VERDICT_CLASSES) + BINARY_TARGETS.index("local_control")
-        self.index = [STRUCTURE_VOCAB.index(s) for s, _, _ in TARGET_RESPONSE_INPUTS]
-        self.column = [TABULAR_FEATURES.index(c) for _, c, _ in TARGET_RESPONSE_INPUTS]
-        self.register_buffer("sign", torch.tensor([s for _, _, s in TARGET_RESPONSE_INPUTS]))
-        self.register_buffer("fill", torch.zeros(len(TARGET_RESPONSE_INPUTS)))
-        self.raw_slope = nn.Parameter(torch.zeros(len(TARGET_RESPONSE_INPUTS)))
+        inputs = RESPONSE_INPUTS[task]
+        self.task = task
+        self.slot = len(VERDICT_CLASSES) + BINARY_TARGETS.index(task)
+        self.index = [STRUCTURE_VOCAB.index(s) for s, _, _ in inputs]
+        self.column = [TABULAR_FEATURES.index(c) for _, c, _ in inputs]
+        self.register_buffer("sign", torch.tensor([s for _, _, s in inputs]))
+        self.register_buffer("fill", torch.zeros(len(inputs)))
+        self.raw_slope = nn.Parameter(torch.zeros(len(inputs)))
         self.bias = nn.Parameter(torch.zeros(()))
 
     def values(self, x: torch.Tensor, name_index: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from rtqa_node.errors import ConfigError
 from rtqa_node.ml import localise
 from rtqa_node.ml.dataset import Cohort
 from rtqa_node.ml.fusion import FusedMil
-from rtqa_node.ml.mil import BINARY_TARGETS, TASKS, VERDICT_CLASSES, TabularConfig, TabularMil
+from rtqa_node.ml.mil import BINARY_TARGETS, RESPONSE_INPUTS, TASKS, VERDICT_CLASSES, TabularConfig, TabularMil
 from rtqa_node.ml.spatial import TOXICITY_TARGETS, SpatialConfig, SpatialMil, attention_entropy
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,8 @@ MODEL_KINDS = ("tabular", "tabular_mean", "spatial", "fused")
 WEIGHTS_NAME = "model.pt"
 CONFIG_NAME = "config.json"
 #: 2: spatial focus buffers, organ position frame, DoseResponse; 3: DoseResponse offset (bagged scan);
-#: 4: TargetResponse (fused)
-MODEL_VERSION = "4"
+#: 4: TargetResponse (fused); 5: InstanceResponse offsets for local control and dysphagia (fused)
+MODEL_VERSION = "5"
 
 
 @dataclass(frozen=True)
@@ -198,25 +198,30 @@ class TrainedModel:
         return cls(blob["name"], config, module.to(device or "cpu"), list(blob["temperatures"]), blob["record"])
 
 
-def start_target_response(model: nn.Module, cohort: Cohort, train_idx: np.ndarray) -> dict:
-    """Start a fused model's local-control offset (``mil.TargetResponse``) at a logistic fit on the training
-    patients, and zero the local-control head's last layer: training starts from that model."""
-    tr = model.target_response
+def start_instance_responses(model: nn.Module, cohort: Cohort, train_idx: np.ndarray) -> dict:
+    """Start each of a fused model's named-instance offsets (``mil.InstanceResponse``: local control, dysphagia)
+    at a logistic fit on the training patients, and zero that task's last head layer: training starts from that
+    model. Returns per task {fitted, logistic (intercept, slopes in feature units), fill}."""
     x, names, mask = (torch.as_tensor(a[train_idx]) for a in (cohort.tab_x, cohort.tab_name_index, cohort.tab_mask))
-    with torch.no_grad():
-        value, present = tr.values(x.float(), names, mask)
-    fill = [float(value[present[:, k], k].mean()) if present[:, k].any() else 0.0 for k in range(value.shape[1])]
-    tr.initialise(intercept=0.0, slopes=[0.0] * value.shape[1], fill=fill)
-    y = cohort.events[train_idx, BINARY_TARGETS.index("local_control")]
-    known = ~np.isnan(y)
-    if known.sum() < 20 or len(np.unique(y[known])) < 2:
-        return {"fitted": False}
-    with torch.no_grad():
-        f = tr.features(x.float(), names, mask)[torch.as_tensor(known)]
-    w, _ = localise.logistic_fit(f[:, None].double(), torch.as_tensor(y[known]))
-    tr.initialise(intercept=float(w[0, 0]), slopes=[float(v) for v in w[0, 1:]], fill=fill)
-    localise.zero_head(model, "local_control")
-    return {"fitted": True, "logistic": [round(float(v), 4) for v in w[0]], "fill": [round(v, 4) for v in fill]}
+    record = {}
+    for task, response in model.instance_responses.items():
+        with torch.no_grad():
+            value, present = response.values(x.float(), names, mask)
+        fill = [float(value[present[:, k], k].mean()) if present[:, k].any() else 0.0 for k in range(value.shape[1])]
+        response.initialise(intercept=0.0, slopes=[0.0] * value.shape[1], fill=fill)
+        y = cohort.events[train_idx, BINARY_TARGETS.index(task)]
+        known = ~np.isnan(y)
+        if known.sum() < 20 or len(np.unique(y[known])) < 2:
+            record[task] = {"fitted": False}
+            continue
+        with torch.no_grad():
+            f = response.features(x.float(), names, mask)[torch.as_tensor(known)]
+        w, _ = localise.logistic_fit(f[:, None].double(), torch.as_tensor(y[known]))
+        response.initialise(intercept=float(w[0, 0]), slopes=[float(v) for v in w[0, 1:]], fill=fill)
+        localise.zero_head(model, task)
+        record[task] = {"fitted": True, "logistic": [round(float(v), 4) for v in w[0]],
+                        "fill": [round(v, 4) for v in fill]}
+    return record
 
 
 def _progress(text: str) -> None:
@@ -260,7 +265,7 @@ def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
             localise.focus(model.spatial if config.model == "fused" else model.encoder, findings)
             localise.start_dose_response(model, findings)
             localisation = [f.to_dict() for f in findings]
-        target_response = start_target_response(model, cohort, train_idx) if config.model == "fused" else None
+        instance_responses = start_instance_responses(model, cohort, train_idx) if config.model == "fused" else None
         model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         soft = torch.as_tensor(cohort.verdict_soft, device=device)
@@ -310,7 +315,7 @@ def train(cohort: Cohort, config: TrainConfig, *, name: str | None = None,
                   "best_epoch": best_epoch, "best_val_loss": round(best, 4), "epochs_run": len(history),
                   "train_time_s": round(elapsed, 1), "device": str(device), "threads": config.threads,
                   "initialised_from": initialised, "localisation": localisation,
-                  "target_response": target_response, "history": history}
+                  "instance_responses": instance_responses, "history": history}
         log.info("ml_trained", extra={"model": name or config.model, "best_epoch": best_epoch,
                                       "val_loss": round(best, 4), "elapsed_s": round(elapsed, 1)})
         if sys.stderr.isatty():
@@ -359,11 +364,13 @@ def write_model_card(model: TrainedModel, folder: Path, evaluation: dict | None 
                      f"centre in the organ frame, units of the organ's spread per axis): {found}.")
     elif "spatial" in r.get("initialised_from", []):
         lines.append("- Spatial encoder started from the trained spatial model (its card says where its attention is focused).")
-    if (r.get("target_response") or {}).get("fitted"):
-        b, d98, vol = r["target_response"]["logistic"]
-        lines.append(f"- Local-control offset (`mil.TargetResponse`) started at a logistic fit on the training patients: "
-                     f"intercept {b}, CTV_70 D98 {d98} (per 70 Gy), GTV_70 log volume {vol} "
-                     "(per ln(1 + cc) / 5, the bag's unit).")
+    for task, fit in (r.get("instance_responses") or {}).items():
+        if fit.get("fitted"):
+            b, *slopes = fit["logistic"]
+            inputs = ", ".join(f"{s} {c} {w}" for (s, c, _), w in zip(RESPONSE_INPUTS[task], slopes))
+            lines.append(f"- {task} offset (`mil.InstanceResponse`) started at a logistic fit on the training "
+                         f"patients: intercept {b}, {inputs} (per the bag's units: doses per 70 Gy, "
+                         "log volumes per ln(1 + cc) / 5).")
     lines.append("")
     if evaluation:
         lines += ["## Metrics (held-out synthetic cohort, different seed)", ""]
