@@ -181,6 +181,10 @@ def _from_environment(fields: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+#: a trained model's weights file in its folder (``ml.train.TrainedModel.save``)
+MODEL_WEIGHTS_NAME = "model.pt"
+
+
 def models_dir() -> Path:
     """$RTQA_MODELS_DIR, else the repository's models/ folder (an installed, non-editable package needs the
     variable: deploy/Containerfile sets it)."""

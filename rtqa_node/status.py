@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from rtqa_node.config import Settings, model_folder
+from rtqa_node.config import MODEL_WEIGHTS_NAME, Settings, model_folder
 from rtqa_node.store.index import Index
 
 
@@ -57,7 +57,7 @@ def _review_model(settings: Settings) -> dict | None:
     if settings.review_model is None:
         return None
     folder = model_folder(settings.review_model)
-    return {"name": settings.review_model, "folder": str(folder), "present": (folder / "model.pt").is_file()}
+    return {"name": settings.review_model, "folder": str(folder), "present": (folder / MODEL_WEIGHTS_NAME).is_file()}
 
 
 def _plan_studies(index: Index) -> list[dict]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtqa_node.config import model_folder, models_dir
+from rtqa_node.config import MODEL_WEIGHTS_NAME, model_folder, models_dir
 from rtqa_node.ml.bags import (
     PATCH_SHAPE,
     SPATIAL_ORGANS,
@@ -159,7 +159,7 @@ def add_predictions(review: Review, files: Sequence[Path], *, model: str = DEFAU
             "status": "not applicable: the plan study could not be evaluated", "model": model}})
     folder = model_folder(model)
     try:
-        if not (folder / "model.pt").exists():
+        if not (folder / MODEL_WEIGHTS_NAME).exists():
             log.warning("ml_model_missing", extra={"model": model})
             return dataclasses.replace(review, metrics={**review.metrics, "ml": {"status": "no model",
                                                                                  "model": model}})

@@ -247,23 +247,24 @@ def scan(cohort: Cohort, train_idx: np.ndarray, val_idx: np.ndarray,
         if train_vox is None or val_vox is None:
             continue
         doses = {sigma: train_vox.kernel_doses(grid, sigma, len(regions)) for sigma in config.sigmas}
+        mean_train = train_vox.mean_dose(len(regions))  # once per family, not per endpoint
         for task, y_all in events.items():
             ok_t = ~np.isnan(y_all[train_idx]) & train_vox.present
             if ok_t.sum() < 20 or len(np.unique(y_all[train_idx][ok_t])) < 2:
                 continue
-            yt, mt = torch.as_tensor(y_all[train_idx][ok_t]), train_vox.mean_dose(len(regions))[ok_t]
+            yt, mt = torch.as_tensor(y_all[train_idx][ok_t]), mean_train[ok_t]
             _, dev0 = logistic_fit(mt[:, None, None], yt)
             known = {s: z[ok_t] for s, z in doses.items()}
             dev, _, _ = _best_location(mt, known, yt, grid)
             gain = float(dev0[0] - dev) / 2
             if task not in candidates or gain > candidates[task][0]:
-                candidates[task] = (gain, (regions, train_vox, val_vox, ok_t, known))
+                candidates[task] = (gain, (regions, train_vox, val_vox, ok_t, known, yt, mt))
     findings = []
-    for task, (_, (regions, train_vox, val_vox, ok_t, doses)) in candidates.items():
+    for task, (_, (regions, train_vox, val_vox, ok_t, doses, yt, mt)) in candidates.items():
         y_all = events[task]
         ok_v = ~np.isnan(y_all[val_idx]) & val_vox.present
-        yt, yv = torch.as_tensor(y_all[train_idx][ok_t]), torch.as_tensor(y_all[val_idx][ok_v]).double()[:, None]
-        mt, mv = train_vox.mean_dose(len(regions))[ok_t], val_vox.mean_dose(len(regions))[ok_v]
+        yv = torch.as_tensor(y_all[val_idx][ok_v]).double()[:, None]
+        mv = val_vox.mean_dose(len(regions))[ok_v]
         sigma, centre = _bagged_location(mt, doses, yt, grid, config)
         c = torch.as_tensor(centre[None], dtype=torch.float32)
         zt, zv = train_vox.kernel_doses(c, sigma, len(regions))[ok_t], val_vox.kernel_doses(c, sigma, len(regions))[ok_v]
@@ -298,7 +299,8 @@ def start_dose_response(model: nn.Module, findings: list[Finding]) -> None:
 
 
 def zero_head(model: nn.Module, task: str) -> None:
-    """Zero the last layer of ``task``'s head: its logit is then the dose-response offset alone until trained."""
+    """Zero the last layer of ``task``'s head: its logit is then the offsets alone (``spatial.DoseResponse``,
+    ``mil.InstanceResponse``) until trained."""
     last = model.heads.heads[TASKS.index(task)][-1]
     with torch.no_grad():
         last.weight.zero_()

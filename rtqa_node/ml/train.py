@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rtqa_node.config import MODEL_WEIGHTS_NAME
 from rtqa_node.errors import ConfigError
 from rtqa_node.ml import localise
 from rtqa_node.ml.dataset import Cohort
@@ -33,7 +34,7 @@ from rtqa_node.ml.spatial import TOXICITY_TARGETS, SpatialConfig, SpatialMil, at
 log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("tabular", "tabular_mean", "spatial", "fused")
-WEIGHTS_NAME = "model.pt"
+WEIGHTS_NAME = MODEL_WEIGHTS_NAME
 CONFIG_NAME = "config.json"
 #: 2: spatial focus buffers, organ position frame, DoseResponse; 3: DoseResponse offset (bagged scan);
 #: 4: TargetResponse (fused); 5: InstanceResponse offsets for local control and dysphagia (fused)
@@ -203,10 +204,11 @@ def start_instance_responses(model: nn.Module, cohort: Cohort, train_idx: np.nda
     at a logistic fit on the training patients, and zero that task's last head layer: training starts from that
     model. Returns per task {fitted, logistic (intercept, slopes in feature units), fill}."""
     x, names, mask = (torch.as_tensor(a[train_idx]) for a in (cohort.tab_x, cohort.tab_name_index, cohort.tab_mask))
+    x = x.float()
     record = {}
     for task, response in model.instance_responses.items():
         with torch.no_grad():
-            value, present = response.values(x.float(), names, mask)
+            value, present = response.values(x, names, mask)
         fill = [float(value[present[:, k], k].mean()) if present[:, k].any() else 0.0 for k in range(value.shape[1])]
         response.initialise(intercept=0.0, slopes=[0.0] * value.shape[1], fill=fill)
         y = cohort.events[train_idx, BINARY_TARGETS.index(task)]
@@ -215,7 +217,7 @@ def start_instance_responses(model: nn.Module, cohort: Cohort, train_idx: np.nda
             record[task] = {"fitted": False}
             continue
         with torch.no_grad():
-            f = response.features(x.float(), names, mask)[torch.as_tensor(known)]
+            f = response.features(x, names, mask)[torch.as_tensor(known)]
         w, _ = localise.logistic_fit(f[:, None].double(), torch.as_tensor(y[known]))
         response.initialise(intercept=float(w[0, 0]), slopes=[float(v) for v in w[0, 1:]], fill=fill)
         localise.zero_head(model, task)
